@@ -1,0 +1,161 @@
+"""Loading model weights safely and strictly.
+
+The original loads checkpoints with ``strict=False`` and only *prints* missing keys, so a truncated or
+mismatched file silently leaves layers at random init. Here every load goes through :func:`load_state_dict_strict`,
+which raises with the list of what is wrong. Files are read with safetensors, or ``torch.load(weights_only=True)``
+for ``.bin`` files, so no pickle code ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pickle
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file or folder is missing, corrupt, or does not fit the model."""
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read one ``.safetensors`` or ``.bin``/``.pt`` file onto the CPU without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains pickled objects other than tensors, which could run code. "
+            "Convert it to .safetensors with a tool you trust."
+        ) from exc
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read weights file {path}: {exc}. The file is corrupt or truncated; download or copy it again."
+        ) from exc
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    return dict(state)
+
+
+def find_weights(folder: str | os.PathLike) -> list[Path]:
+    """The weight file(s) of a model folder: a single file, or the shards listed in an index json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    for name in INDEX_NAMES:
+        index = folder / name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are missing: {missing}")
+            return [folder / s for s in shards]
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return [folder / name]
+    raise CheckpointError(
+        f"no weights in {folder}: expected one of {', '.join(WEIGHT_NAMES)} (or a sharded index json)"
+    )
+
+
+def read_folder_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in find_weights(folder):
+        state.update(read_weights_file(file))
+    return state
+
+
+def _summarise(keys: Iterable[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    ignore_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Copy ``state_dict`` into ``model``; raise :class:`CheckpointError` on any missing, unexpected or
+    wrongly-shaped key. Keys starting with one of ``ignore_prefixes`` (training-only extras such as a VAE's
+    ``loss.*`` modules) are dropped with a single notice line."""
+    ignored = [k for k in state_dict if ignore_prefixes and k.startswith(ignore_prefixes)]
+    if ignored:
+        logger.info("%s: ignoring %d training-only keys (%s...)", source, len(ignored), ignored[0])
+        state_dict = {k: v for k, v in state_dict.items() if k not in set(ignored)}
+    expected = model.state_dict()
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_summarise(unexpected)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} keys with the wrong shape: {_summarise(wrong_shape)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match {type(model).__name__} "
+            f"(is the config.json the one that belongs to these weights?):\n  " + "\n  ".join(problems)
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model_from_folder(
+    cls,
+    path: str | os.PathLike,
+    subfolder: str | None = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    config_overrides: Mapping | None = None,
+    ignore_prefixes: tuple[str, ...] = (),
+):
+    """Build ``cls`` (a diffusers ``ModelMixin`` + ``ConfigMixin``) from ``folder/config.json`` with
+    ``config_overrides`` on top, and load the folder's weights strictly.
+
+    Unknown config keys (``_class_name``, ``block_out_channels``, ...) are tolerated: ``from_config`` drops them.
+    """
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{cls.__name__}: no config.json in {folder}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
+    config.update(config_overrides or {})
+    model = cls.from_config(config)
+    load_state_dict_strict(model, read_folder_weights(folder), source=str(folder), ignore_prefixes=ignore_prefixes)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    return model.eval()

@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EASYANIMATE_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "reference" / "golden"
+KEYS = SHARED / "reference" / "keys"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The golden vectors produced by the original implementation (../shared/reference/golden)."""
+    if not GOLDEN.is_dir():
+        pytest.skip(f"golden vectors not found at {GOLDEN} (set EASYANIMATE_SHARED to the shared/ folder)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def keys_dir() -> Path:
+    """The released state-dict key manifests (../shared/reference/keys)."""
+    if not KEYS.is_dir():
+        pytest.skip(f"key manifests not found at {KEYS} (set EASYANIMATE_SHARED to the shared/ folder)")
+    return KEYS
