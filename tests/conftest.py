@@ -26,3 +26,14 @@ def keys_dir() -> Path:
     if not KEYS.is_dir():
         pytest.skip(f"key manifests not found at {KEYS} (set EASYANIMATE_SHARED to the shared/ folder)")
     return KEYS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A complete tiny model folder in the released layout, built once per test session
+    (``easyanimate.utils.tiny_model.build_tiny_model``; seed 0)."""
+    from easyanimate.utils.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_model") / "EasyAnimateV4-tiny"
+    build_tiny_model(out, seed=0)
+    return out

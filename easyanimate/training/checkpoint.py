@@ -1,0 +1,129 @@
+"""Training checkpoints you can trust: atomic writes, retention, resume.
+
+A checkpoint is a folder ``checkpoint-{step}`` holding ``accelerator.save_state`` output (model, optimizer,
+LR scheduler, RNG states and every object registered with ``accelerator.register_for_checkpointing``), whatever
+``save_model_fn`` writes (e.g. the transformer or ``vae/`` folder in the released format) and ``trainer_state.json``
+(step and any extra state such as the data sampler position).
+
+It is first written as ``checkpoint-{step}.partial`` and renamed only when complete, so a crash mid-save never
+leaves a folder that looks like a finished checkpoint; leftovers of interrupted saves are removed at the next save.
+Shared by the transformer and VAE trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest (lowest step) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume(output_dir: str | os.PathLike, spec: str | os.PathLike | None) -> Path | None:
+    """Turn ``--resume_from_checkpoint`` into a checkpoint folder.
+
+    ``None``/``""`` -> no resume; ``"latest"`` -> the newest complete checkpoint in ``output_dir`` (``None`` when
+    there is none yet, so a first run and a restarted run can share one command line); otherwise a folder that
+    must be a complete checkpoint.
+    """
+    if spec is None or str(spec) == "":
+        return None
+    if str(spec) == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            logger.info("resume 'latest': no checkpoint in %s yet, starting from scratch", output_dir)
+        return path
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {STATE_FILE}); "
+            "it was probably interrupted while saving - pick an earlier one or use 'latest'"
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    extra: dict | None = None,
+    keep_last: int | None = None,
+    save_model_fn: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``output_dir/checkpoint-{step}`` atomically. Call it on every process (DeepSpeed saves shards on
+    each rank); only the main process writes the state file, renames and prunes. Returns the final path."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f"checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob("checkpoint-*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        if save_model_fn is not None:
+            save_model_fn(partial)
+        state = {"step": int(step), **(extra or {})}
+        tmp = partial / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, partial / STATE_FILE)
+        if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(output_dir)
+        if keep_last is not None and keep_last > 0:
+            for old in list_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (``step`` and the extras)."""
+    path = Path(path)
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
