@@ -1,0 +1,154 @@
+"""The predict command lines: bad input is rejected before any model loads, and every script writes a video (or png)
+that reads back with the requested frame count and size."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from easyanimate import cli
+from easyanimate.utils.video_io import read_image, read_video, save_video
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "2", "--guidance", "6", "--seed", "7", "--memory-mode", "none"]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def fail(args):
+        raise AssertionError("a model was loaded although the input is bad")
+
+    monkeypatch.setattr(cli, "load_pipeline", fail)
+
+
+@pytest.fixture
+def fake_model_dir(tmp_path):
+    """Has the released subfolders but no weights: validation must pass or fail on the inputs alone."""
+    model = tmp_path / "model"
+    for sub in cli.MODEL_SUBFOLDERS:
+        (model / sub).mkdir(parents=True)
+    return model
+
+
+@pytest.fixture
+def start_image(tmp_path):
+    return save_video(torch.rand(3, 1, 20, 30), tmp_path / "start.png")
+
+
+def expect_usage_error(capsys, task, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(task, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_sampler_names_match_the_pipeline():
+    from easyanimate.pipeline import SAMPLERS
+
+    assert tuple(SAMPLERS) == cli.SAMPLER_NAMES
+
+
+def test_bad_input_is_rejected_before_loading(capsys, tmp_path, no_model_load, fake_model_dir, start_image):
+    base = ["--model", str(fake_model_dir), "--prompt", "a red circle"]
+    expect_usage_error(capsys, "t2v", base + ["--height", "100"], "--height must be a positive multiple of 16, got 100")
+    expect_usage_error(capsys, "t2v", base + ["--width", "0"], "--width must be a positive multiple of 16")
+    expect_usage_error(capsys, "t2v", base + ["--frames", "5"], "--frames must be 1 or a multiple of 8, got 5")
+    expect_usage_error(capsys, "t2v", base + ["--sampler", "Heun"], "invalid choice: 'Heun'")
+    expect_usage_error(capsys, "t2v", base + ["--steps", "0"], "--steps must be at least 1")
+    expect_usage_error(capsys, "t2v", base + ["--device", "gpu0"], "is not a torch device")
+    if not torch.cuda.is_available():
+        expect_usage_error(capsys, "t2v", base + ["--device", "cuda"], "CUDA is not available")
+    expect_usage_error(capsys, "t2v", ["--model", str(tmp_path / "nowhere"), "--prompt", "x"], "model folder not found")
+    expect_usage_error(capsys, "t2v", ["--model", str(tmp_path), "--prompt", "x"], "not an EasyAnimate V4 model folder")
+    expect_usage_error(capsys, "t2v", base + ["--lora", str(tmp_path / "none.safetensors")], "LoRA file not found")
+    expect_usage_error(capsys, "t2v", base + ["--frames", "8", "--output", str(tmp_path / "x.png")],
+                       "is an image file name but 8 frames")
+    expect_usage_error(capsys, "i2v", base + ["--image", str(tmp_path / "none.png")], "image file not found")
+    expect_usage_error(capsys, "i2v", base + ["--image", str(start_image), "--end-image", str(tmp_path / "e.png")],
+                       "image file not found")
+    expect_usage_error(capsys, "i2v", base + ["--image", str(start_image), "--chunk-frames", "12"],
+                       "--chunk-frames must be a positive multiple of 8")
+    expect_usage_error(capsys, "v2v", base + ["--video", str(tmp_path / "none.mp4")], "video file not found")
+    video = save_video(torch.rand(3, 8, 32, 32), tmp_path / "in.mp4")
+    expect_usage_error(capsys, "v2v", base + ["--video", str(video), "--frames", "16"], "fewer than the 16 requested")
+    expect_usage_error(capsys, "v2v", base + ["--video", str(video), "--frames", "8", "--strength", "1.5"],
+                       "--strength must be in (0, 1]")
+    expect_usage_error(capsys, "i2v", base, "the following arguments are required: --image")
+    taken = tmp_path / "taken.mp4"
+    taken.write_bytes(b"someone's video")
+    expect_usage_error(capsys, "t2v", base + ["--frames", "8", "--output", str(taken)], "already exists")
+    assert taken.read_bytes() == b"someone's video"
+
+
+def test_help_explains_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main("v2v", ["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--prompt", "--negative-prompt", "--sampler", "--steps", "--height", "--width",
+                 "--frames", "--fps", "--guidance", "--seed", "--lora", "--lora-weight", "--memory-mode", "--dtype",
+                 "--output", "--video", "--strength"):
+        assert flag in out
+
+
+def test_t2v_rounds_frames_and_writes_mp4(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "t2v.mp4"
+    path = cli.main("t2v", ["--model", str(tiny_model_dir), "--prompt", "a red circle moving to the left",
+                            "--height", "32", "--width", "64", "--frames", "12", "--fps", "8",
+                            "--output", str(out)] + FAST)
+    captured = capsys.readouterr()
+    assert "using 8" in captured.err  # 12 frames rounded down to the VAE chunk, with a notice
+    assert path == out and str(out) in captured.out
+    assert read_video(out).shape == (3, 8, 32, 64)
+
+
+def test_t2i_writes_png(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "image.mp4"
+    path = cli.main("t2v", ["--model", str(tiny_model_dir), "--prompt", "一个红色的圆形", "--height", "48",
+                            "--width", "32", "--frames", "1", "--output", str(out)] + FAST)
+    assert path == tmp_path / "image.png"
+    assert read_image(path).size == (32, 48)
+
+
+def test_i2v_start_and_end_image(tiny_model_dir, tmp_path, start_image):
+    end = save_video(torch.rand(3, 1, 20, 30), tmp_path / "end.png")
+    path = cli.main("i2v", ["--model", str(tiny_model_dir), "--prompt", "a blue square moving up",
+                            "--image", str(start_image), "--end-image", str(end), "--height", "32", "--width", "32",
+                            "--frames", "8", "--sampler", "DDIM", "--output", str(tmp_path / "i2v.mp4")] + FAST)
+    assert read_video(path).shape == (3, 8, 32, 32)
+
+
+def test_i2v_long_video(tiny_model_dir, tmp_path, start_image):
+    path = cli.main("i2v", ["--model", str(tiny_model_dir), "--prompt", "a green star standing still",
+                            "--image", str(start_image), "--height", "32", "--width", "32", "--frames", "12",
+                            "--chunk-frames", "8", "--overlap", "4", "--output", str(tmp_path / "long.mp4")] + FAST)
+    assert read_video(path).shape == (3, 12, 32, 32)
+
+
+def test_v2v_with_lora(tiny_model_dir, tmp_path):
+    from easyanimate.lora import LoRANetwork
+    from easyanimate.models.transformer import HunyuanTransformer3DModel
+    from easyanimate.utils.weights import load_model_from_folder
+
+    network = LoRANetwork(load_model_from_folder(HunyuanTransformer3DModel, tiny_model_dir, "transformer"), rank=2)
+    lora = network.save(tmp_path / "style.safetensors")
+    source = save_video(torch.rand(3, 10, 40, 40), tmp_path / "source.mp4")
+    path = cli.main("v2v", ["--model", str(tiny_model_dir), "--prompt", "a sunset over the sea",
+                            "--video", str(source), "--strength", "0.5", "--height", "32", "--width", "64",
+                            "--frames", "8", "--lora", str(lora), "--lora-weight", "0.8",
+                            "--output", str(tmp_path / "v2v.mp4")] + FAST)
+    assert read_video(path).shape == (3, 8, 32, 64)
+
+
+def test_predict_script_runs_as_a_program(tiny_model_dir, tmp_path):
+    out = tmp_path / "script.mp4"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "predict_t2v.py"), "--model", str(tiny_model_dir), "--prompt", "a red circle",
+         "--height", "32", "--width", "32", "--frames", "8", "--output", str(out)] + FAST,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert read_video(out).shape == (3, 8, 32, 32)
