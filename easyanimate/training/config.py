@@ -1,0 +1,146 @@
+"""Transformer training settings: one dataclass, turned into command-line flags by :func:`build_parser`.
+
+Flag names are the original ``scripts/train.py`` names so its launch commands keep working; defaults are the
+original's except where the original's default is a trap (``video_repeat`` 0 dropped every video; ``seed`` and
+``trainable_modules`` had no default although the code needs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..data.dataset import DataConfig
+
+
+def _f(default, help: str, **extra):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a transformer training run (full fine-tune or LoRA)."""
+
+    # paths
+    pretrained_model_name_or_path: str = _f(None, "model folder in the released layout (required)", required=True)
+    train_data_meta: str = _f(None, "metadata .json/.jsonl/.csv (file_path, text, type, [width, height])", required=True)
+    train_data_dir: str = _f(None, "folder relative file paths are relative to (omit for absolute paths)")
+    output_dir: str = _f("output_dir", "checkpoints, samples and logs go here")
+    transformer_path: str = _f(None, "start from these transformer weights (.safetensors or a folder) instead")
+    # data
+    image_sample_size: int = _f(512, "largest image base size")
+    video_sample_size: int = _f(512, "video base size")
+    token_sample_size: int = _f(512, "token budget side: budget = video_sample_n_frames * token_sample_size**2")
+    video_sample_stride: int = _f(4, "frame stride when sampling clips")
+    video_sample_n_frames: int = _f(17, "frames per clip (the V4 stages use 144)")
+    video_repeat: int = _f(1, "how often each video is listed per epoch (the original's default 0 drops videos)")
+    enable_bucket: bool = _f(True, "aspect-ratio buckets (off: square centre crops at video_sample_size)")
+    random_ratio_crop: bool = _f(False, "draw the crop bucket from the 15 random-crop ratios")
+    random_frame_crop: bool = _f(False, "randomly shorten clips (full length with probability 0.9)")
+    random_hw_adapt: bool = _f(False, "train at several resolutions")
+    training_with_video_token_length: bool = _f(False, "fixed token budget per batch (size/frames trade-off, x2/x4)")
+    text_drop_ratio: float = _f(0.0, "probability of an empty caption (V4: 0, never)")
+    dataloader_num_workers: int = _f(0, "dataloader worker processes")
+    max_failure_fraction: float = _f(0.05, "stop training when more than this fraction of file reads fail")
+    max_retries: int = _f(10, "replacements tried for one broken file before giving up")
+    # model and objective
+    train_mode: str = _f("inpaint", "'inpaint' (image-to-video InP model) or 'normal' (text-to-video)",
+                         choices=["inpaint", "normal"])
+    trainable_modules: list = _f(["."], "train transformer parameters whose name contains one of these", nargs="+")
+    trainable_modules_low_learning_rate: list = _f([], "…and these at half the learning rate", nargs="*")
+    motion_sub_loss: bool = _f(False, "add the frame-difference loss (V4 recipe: on)")
+    motion_sub_loss_ratio: float = _f(0.25, "weight of the motion sub-loss")
+    noise_share_in_frames: bool = _f(False, "correlate the noise of consecutive latent frames")
+    noise_share_in_frames_ratio: float = _f(0.5, "correlation of --noise_share_in_frames")
+    vae_mini_batch: int = _f(32, "samples per VAE encode call")
+    precompute_text_embeddings: bool = _f(False, "encode all captions once at start and free the text encoders")
+    # optimisation
+    train_batch_size: int = _f(16, "samples per process per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    num_train_epochs: int = _f(100, "epochs (ignored when max_train_steps is set)")
+    max_train_steps: int = _f(None, "stop after this many optimizer steps")
+    learning_rate: float = _f(1e-4, "peak learning rate")
+    scale_lr: bool = _f(False, "multiply lr by accumulation x batch x processes")
+    lr_scheduler: str = _f("constant", "diffusers schedule name (constant, constant_with_warmup, cosine, linear, ...)")
+    lr_warmup_steps: int = _f(500, "warm-up optimizer steps")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = _f(False, "bitsandbytes AdamW8bit (needs `pip install bitsandbytes`)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    abnormal_norm_clip_start: int = _f(1000, "steps of the adaptive clip warm-up")
+    initial_grad_norm_ratio: float = _f(5.0, "adaptive clip starts at this multiple of max_grad_norm")
+    gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward")
+    allow_tf32: bool = _f(False, "TF32 matmuls on Ampere+ GPUs")
+    mixed_precision: str = _f(None, "no / fp16 / bf16 (default: accelerate config)", choices=[None, "no", "fp16", "bf16"])
+    use_ema: bool = _f(False, "keep an EMA of the transformer weights (diffusers EMAModel)")
+    ema_decay: float = _f(0.9999, "EMA decay")
+    use_deepspeed: bool = _f(False, "accepted for the original's scripts; DeepSpeed is detected from the launcher")
+    # LoRA
+    lora: bool = _f(False, "train a LoRA instead of the transformer weights")
+    rank: int = _f(128, "LoRA rank")
+    network_alpha: float = _f(64.0, "LoRA alpha (scale = alpha / rank)")
+    # bookkeeping
+    seed: int = _f(42, "seed of every random choice")
+    checkpointing_steps: int = _f(500, "save a checkpoint every N optimizer steps")
+    checkpoints_total_limit: int = _f(None, "keep only the newest N checkpoints")
+    resume_from_checkpoint: str = _f(None, "'latest' or a checkpoint folder")
+    validation_prompts: list = _f([], "prompts rendered every validation_steps", nargs="*")
+    validation_steps: int = _f(2000, "render validation samples every N steps")
+    validation_inference_steps: int = _f(50, "sampler steps of validation samples")
+    report_to: str = _f("tensorboard", "accelerate tracker ('none' to disable)")
+    tracker_project_name: str = _f("easyanimate-train", "tracker run name")
+
+    def __post_init__(self):
+        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("train_batch_size and gradient_accumulation_steps must be >= 1")
+        if self.checkpointing_steps < 1:
+            raise ValueError("checkpointing_steps must be >= 1")
+        if not 0 <= self.max_failure_fraction <= 1:
+            raise ValueError("max_failure_fraction must be in [0, 1]")
+        if self.lora and self.use_ema:
+            raise ValueError("--use_ema averages full transformer weights; it does not apply to --lora training")
+        if self.lora and self.rank < 1:
+            raise ValueError(f"--rank must be >= 1, got {self.rank}")
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(
+            image_sample_size=self.image_sample_size,
+            video_sample_size=self.video_sample_size,
+            token_sample_size=self.token_sample_size,
+            video_sample_n_frames=self.video_sample_n_frames,
+            video_sample_stride=self.video_sample_stride,
+            video_repeat=self.video_repeat,
+            enable_bucket=self.enable_bucket,
+            random_hw_adapt=self.random_hw_adapt,
+            training_with_video_token_length=self.training_with_video_token_length,
+            random_ratio_crop=self.random_ratio_crop,
+            random_frame_crop=self.random_frame_crop,
+            enable_inpaint=self.train_mode == "inpaint",
+            text_drop_ratio=self.text_drop_ratio,
+            max_retries=self.max_retries,
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train the EasyAnimate V4 transformer (full fine-tune or LoRA).")
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = "--" + f.name
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "str": str, "list": str}.get(f.type, str)
+        parser.add_argument(flag, type=kind, default=default, help=help_text, **meta)
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    return TrainConfig(**vars(args))

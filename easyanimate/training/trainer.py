@@ -1,0 +1,554 @@
+"""The transformer training loop (full fine-tune or LoRA) on accelerate.
+
+Read :func:`train` top to bottom: load the model folder, build the data, choose what trains, optimise, and
+every N steps log, checkpoint and render validation samples. One training step (:func:`compute_loss`) encodes
+the batch with the frozen VAE / text encoders / CLIP image encoder and regresses the transformer's output on
+the v-prediction target (:mod:`easyanimate.training.objective`).
+
+Randomness (frame windows, masks, noise, timesteps, VAE posterior samples, CLIP drop) is keyed per sample, so a
+resumed run reproduces the uninterrupted one and N processes reproduce one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..data.buckets import BucketBatchSampler, BucketCollate, bucket_ratios
+from ..data.dataset import DataError, DataHealth, VideoImageDataset, compose_entries
+from ..data.metadata import load_metadata
+from ..data.seeding import POSTERIOR, keyed_randn
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .objective import DiffusionObjective, clip_keep_mask, inpaint_condition_flags
+
+logger = logging.getLogger(__name__)
+
+BERT_MAX_LENGTH, T5_MAX_LENGTH = 77, 256
+LORA_STATE_FILE = "lora_diffusion_pytorch_model.safetensors"
+VALIDATION_NEGATIVE_PROMPT = "bad detailed"
+
+
+# ------------------------------------------------------------------------------------------------ models
+@dataclass
+class FrozenModels:
+    """The conditioning models, frozen and in the compute dtype, plus the pipeline (for validation)."""
+
+    pipeline: object
+    vae: nn.Module
+    text_encoder: nn.Module
+    text_encoder_2: nn.Module
+    tokenizer: object
+    tokenizer_2: object
+    image_encoder: nn.Module | None
+    image_processor: object | None
+    text_cache: dict | None = None  # caption -> embeddings, when precomputed
+
+
+class TrainableTransformer(nn.Module):
+    """What the optimizer and DDP see: the transformer and, in LoRA mode, the LoRA network whose adapters hook
+    into the transformer's Linears (calling ``forward`` here runs them, so DDP syncs their gradients)."""
+
+    def __init__(self, transformer: nn.Module, lora_network: nn.Module | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.lora_network = lora_network
+
+    def forward(self, **inputs):
+        return self.transformer(**inputs, return_dict=False)[0]
+
+
+def load_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
+    """The transformer (fp32 master weights) and the frozen models from the released folder layout."""
+    from ..pipeline import EasyAnimatePipeline
+
+    pipe = EasyAnimatePipeline.from_pretrained(cfg.pretrained_model_name_or_path, torch_dtype=torch.float32, device="cpu")
+    transformer = pipe.transformer
+    if cfg.transformer_path:
+        _load_transformer_weights(transformer, cfg.transformer_path)
+    if cfg.train_mode == "inpaint" and not transformer.is_inpaint:
+        raise ValueError(
+            f"--train_mode inpaint needs the image-to-video (InP) transformer, but {cfg.pretrained_model_name_or_path} "
+            f"has in_channels={transformer.config.in_channels}; use --train_mode normal for a text-to-video model"
+        )
+    if cfg.train_mode == "normal" and transformer.is_inpaint:
+        raise ValueError("--train_mode normal with an InP transformer leaves its inpaint inputs untrained; use inpaint")
+    frozen = [pipe.vae, pipe.text_encoder, pipe.text_encoder_2] + ([pipe.image_encoder] if pipe.image_encoder else [])
+    for module in frozen:
+        module.requires_grad_(False).eval().to(device, weight_dtype)
+    frozen_models = FrozenModels(
+        pipeline=pipe, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
+        image_encoder=pipe.image_encoder if cfg.train_mode == "inpaint" else None,
+        image_processor=pipe.image_processor if cfg.train_mode == "inpaint" else None,
+    )
+    return transformer.to(device), frozen_models
+
+
+def _load_transformer_weights(transformer: nn.Module, path: str) -> None:
+    from ..utils.weights import load_state_dict_strict, read_folder_weights, read_weights_file
+
+    state = read_folder_weights(path) if os.path.isdir(path) else read_weights_file(path)
+    load_state_dict_strict(transformer, state, source=path)
+
+
+def select_trainable(transformer: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Parameter groups: names containing a ``trainable_modules`` string at lr, ``…_low_learning_rate`` at lr/2."""
+    normal, low = [], []
+    for name, param in transformer.named_parameters():
+        if any(s in name for s in cfg.trainable_modules_low_learning_rate):
+            low.append(param)
+        elif any(s in name for s in cfg.trainable_modules):
+            normal.append(param)
+        else:
+            param.requires_grad_(False)
+    if not normal and not low:
+        raise ValueError(f"--trainable_modules {cfg.trainable_modules} matches no transformer parameter name")
+    groups = [{"params": normal, "lr": cfg.learning_rate}]
+    if low:
+        groups.append({"params": low, "lr": cfg.learning_rate / 2})
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError as exc:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from exc
+        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def adaptive_clip_norm(step: int, grad_norm: float, cfg: TrainConfig) -> float:
+    """The original's clip value: from ``initial_grad_norm_ratio * max_grad_norm`` down to ``max_grad_norm`` over the
+    first ``abnormal_norm_clip_start`` steps; afterwards an abnormally large norm (> 5x) is damped further."""
+    base = cfg.max_grad_norm
+    start = cfg.abnormal_norm_clip_start
+    if step < start:
+        ratio = cfg.initial_grad_norm_ratio
+        return base * (ratio - (ratio - 1) * step / max(start, 1))
+    excess = grad_norm / base
+    return base / min(excess, 10.0) if excess > 5 else base
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+def sample_posterior(vae, pixels: torch.Tensor, keys: Sequence[tuple], replicas: int, seed: int, tag: int,
+                     mini_batch: int) -> torch.Tensor:
+    """VAE-encode ``(B, 3, F, H, W)`` in chunks of ``mini_batch`` samples and draw ``replicas`` posterior samples of
+    each, every one with its own keyed noise (``keys`` has ``B * replicas`` entries, sample-major). Returns the
+    latents × ``scaling_factor``."""
+    out = []
+    for start in range(0, pixels.shape[0], mini_batch):
+        dist = vae.encode(pixels[start : start + mini_batch].to(vae.dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        for i in range(mean.shape[0]):
+            for r in range(replicas):
+                key = keys[(start + i) * replicas + r]
+                noise = keyed_randn(mean.shape[1:], (seed, POSTERIOR, tag, *key), device=mean.device)
+                out.append(mean[i] + std[i] * noise)
+    return torch.stack(out) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_text(frozen: FrozenModels, texts: Sequence[str], device, dtype):
+    """BERT (77 tokens) and mT5 (256) last hidden states with their masks, padded/truncated as the original's
+    training does. With ``frozen.text_cache`` (precomputed embeddings) cached captions are not re-encoded."""
+    cache = frozen.text_cache
+    missing = [t for t in dict.fromkeys(texts) if cache is None or t not in cache]
+    rows = {}
+    if missing:
+        if frozen.text_encoder is None:
+            raise RuntimeError(f"caption {missing[0]!r} is not among the precomputed text embeddings")
+        enc_device = next(frozen.text_encoder.parameters()).device
+        bert = frozen.tokenizer(missing, padding="max_length", max_length=BERT_MAX_LENGTH, truncation=True,
+                                return_tensors="pt")
+        t5 = frozen.tokenizer_2(missing, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
+                                return_tensors="pt")
+        emb = frozen.text_encoder(bert.input_ids.to(enc_device), attention_mask=bert.attention_mask.to(enc_device))[0]
+        emb_2 = frozen.text_encoder_2(t5.input_ids.to(enc_device), attention_mask=t5.attention_mask.to(enc_device))[0]
+        for i, text in enumerate(missing):
+            rows[text] = (emb[i], bert.attention_mask[i], emb_2[i], t5.attention_mask[i])
+            if cache is not None:
+                cache[text] = tuple(x.cpu() for x in rows[text])
+    rows = [rows[t] if t in rows else cache[t] for t in texts]
+    return tuple(torch.stack([r[k].to(device) for r in rows]).to(dtype if k in (0, 2) else torch.long)
+                 for k in range(4))
+
+
+@torch.no_grad()
+def encode_clip(frozen: FrozenModels, clip_pixels: torch.Tensor, device, dtype) -> torch.Tensor:
+    """CLIP vision patch tokens (``last_hidden_state`` without CLS) of uint8 ``(B, H, W, 3)`` frames."""
+    images = [frame.cpu().numpy() for frame in clip_pixels]
+    pixels = frozen.image_processor(images=images, return_tensors="pt").pixel_values
+    encoder_dtype = next(frozen.image_encoder.parameters()).dtype
+    tokens = frozen.image_encoder(pixels.to(device, encoder_dtype)).last_hidden_state[:, 1:]
+    return tokens.to(dtype)
+
+
+def compute_loss(model: nn.Module, transformer: nn.Module, frozen: FrozenModels, objective: DiffusionObjective,
+                 batch: dict, cfg: TrainConfig, device, weight_dtype) -> torch.Tensor:
+    """One training step's loss (spec §3.5-§3.7)."""
+    replicas = int(batch["replicas"])
+    base_keys = [(int(batch["epoch"]), int(p)) for p in batch["positions"]]
+    keys = [(*k, r) for k in base_keys for r in range(replicas)]  # x2/x4 token-length replication, sample-major
+    seed = objective.seed
+
+    pixels = batch["pixel_values"].to(device, weight_dtype).transpose(1, 2)  # B, 3, F, H, W
+    with torch.no_grad():
+        latents = sample_posterior(frozen.vae, pixels, keys, replicas, seed, 0, cfg.vae_mini_batch)
+        texts = [t for t in batch["text"] for _ in range(replicas)]
+        bert, bert_mask, t5, t5_mask = encode_text(frozen, texts, device, weight_dtype)
+        extra = {}
+        if cfg.train_mode == "inpaint":
+            mask = batch["mask"].to(device, weight_dtype).transpose(1, 2)  # B, 1, F, H, W; 1 = generate
+            masked = batch["mask_pixel_values"].to(device, weight_dtype).transpose(1, 2)
+            # the {0, 1} mask is encoded as if it were an image (tiled to 3 channels), as the original does
+            mask_latents = sample_posterior(frozen.vae, mask.expand(-1, 3, -1, -1, -1), keys, replicas, seed, 1,
+                                            cfg.vae_mini_batch)
+            masked_latents = sample_posterior(frozen.vae, masked, keys, replicas, seed, 2, cfg.vae_mini_batch)
+            flags = inpaint_condition_flags(batch["mask"].repeat_interleave(replicas, 0), keys, seed)
+            flags = flags.to(device)[:, None, None, None, None]
+            extra["inpaint_latents"] = (torch.cat([mask_latents, masked_latents], dim=1) * flags).to(weight_dtype)
+            clip_tokens = encode_clip(frozen, batch["clip_pixel_values"], device, weight_dtype)
+            extra["clip_encoder_hidden_states"] = clip_tokens.repeat_interleave(replicas, 0)
+            extra["clip_attention_mask"] = clip_keep_mask(keys, seed, transformer.config.n_query).to(device, weight_dtype)
+
+    noise = objective.sample_noise(latents.shape[1:], keys, device=device)
+    timesteps = objective.sample_timesteps(keys, device=device)
+    noisy, target = objective.noisy_latents_and_target(latents, noise, timesteps)
+
+    from ..models.rope import rope_for_size
+
+    height, width = pixels.shape[-2:]
+    batch_size = noisy.shape[0]
+    output = model(
+        hidden_states=noisy.to(weight_dtype),
+        timestep=timesteps.to(weight_dtype),
+        encoder_hidden_states=bert,
+        text_embedding_mask=bert_mask,
+        encoder_hidden_states_t5=t5,
+        text_embedding_mask_t5=t5_mask,
+        image_meta_size=torch.tensor([[1024, 1024, height, width, 0, 0]] * batch_size, device=device, dtype=weight_dtype),
+        style=torch.zeros(batch_size, dtype=torch.long, device=device),
+        image_rotary_emb=rope_for_size(height, width, transformer.config.attention_head_dim,
+                                       patch_size=transformer.config.patch_size),
+        **extra,
+    )
+    return objective.loss(output, target)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class TrainResult:
+    global_step: int
+    losses: list = field(default_factory=list)  # (step, loss averaged over processes and accumulation)
+    output_dir: str = ""
+    data_summary: str = ""
+
+
+def _weight_dtype(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    device, weight_dtype = accelerator.device, _weight_dtype(accelerator)
+
+    # --- data (first, so a bad metadata file fails before minutes of model loading)
+    entries = compose_entries(load_metadata(cfg.train_data_meta, cfg.train_data_dir), cfg.video_repeat)
+    data_config = cfg.data_config()
+    dataset = VideoImageDataset(entries, data_config, seed=cfg.seed)
+    sampler = BucketBatchSampler(entries, cfg.train_batch_size, seed=cfg.seed, ratios=bucket_ratios(data_config),
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=BucketCollate(data_config, cfg.seed),
+                                         num_workers=cfg.dataloader_num_workers)
+    health = DataHealth(cfg.max_failure_fraction)
+    steps_per_epoch = max(math.ceil(len(sampler) / cfg.gradient_accumulation_steps), 1)
+    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    if len(sampler) == 0:
+        raise ValueError(f"{len(entries)} entries make no full batch of {cfg.train_batch_size} per process on "
+                         f"{accelerator.num_processes} processes; lower --train_batch_size")
+
+    # --- models
+    transformer, frozen = load_models(cfg, device, weight_dtype)
+    objective = DiffusionObjective.from_model_folder(
+        cfg.pretrained_model_name_or_path, seed=cfg.seed,
+        motion_sub_loss_ratio=cfg.motion_sub_loss_ratio if cfg.motion_sub_loss else 0.0,
+        noise_share_in_frames_ratio=cfg.noise_share_in_frames_ratio if cfg.noise_share_in_frames else 0.0,
+    )
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    lora_network = None
+    if cfg.lora:
+        from ..lora import LoRANetwork
+
+        transformer.requires_grad_(False).to(weight_dtype)
+        lora_network = LoRANetwork(transformer, rank=cfg.rank, alpha=cfg.network_alpha).to(device).apply_to()
+        param_groups = lora_network.param_groups(cfg.learning_rate)
+    else:
+        param_groups = select_trainable(transformer, cfg)
+    if cfg.scale_lr:
+        factor = cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
+        for group in param_groups:
+            group["lr"] *= factor
+    model = TrainableTransformer(transformer, lora_network)
+
+    if cfg.precompute_text_embeddings:
+        frozen.text_cache = {}
+        captions = sorted({e["text"] for e in entries} | ({""} if cfg.text_drop_ratio > 0 else set()))
+        for start in tqdm(range(0, len(captions), 64), desc="text embeddings", disable=not accelerator.is_main_process):
+            encode_text(frozen, captions[start : start + 64], "cpu", weight_dtype)
+        # free accelerator memory; validation moves them back for its prompts
+        frozen.text_encoder.to("cpu")
+        frozen.text_encoder_2.to("cpu")
+        frozen.text_encoder = frozen.text_encoder_2 = None
+
+    # --- optimisation
+    optimizer = make_optimizer(param_groups, cfg)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_train_steps)
+    from accelerate.utils import DistributedType
+
+    use_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if use_deepspeed:
+        # no dataloader goes through prepare(), so fill in what DeepSpeed would otherwise read from it; DeepSpeed
+        # clips gradients itself at max_grad_norm
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+        ds_config["gradient_clipping"] = cfg.max_grad_norm
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    ema = None
+    if cfg.use_ema and not cfg.lora:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(transformer.parameters(), decay=cfg.ema_decay)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    trainable = [p for g in param_groups for p in g["params"]]
+    _register_state_hooks(accelerator, transformer, lora_network)
+
+    # --- resume
+    global_step, first_epoch, rounds_done = 0, 0, 0
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        global_step, first_epoch, rounds_done = state["step"], state["epoch"], state["rounds_in_epoch"]
+        health.reads, health.failures = state.get("data_reads", 0), state.get("data_failures", 0)
+        accelerator.print(f"resumed from {resume} at step {global_step} (epoch {first_epoch}, batch {rounds_done})")
+
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers(cfg.tracker_project_name, config={k: str(v) for k, v in asdict(cfg).items()})
+
+    def save(step: int, epoch: int, rounds: int) -> None:
+        def write_model(folder: Path) -> None:
+            unwrapped = accelerator.unwrap_model(model)
+            if lora_network is not None:
+                lora_network.save(folder / LORA_STATE_FILE)
+                lora_network.save(output_dir / f"checkpoint-{step}.safetensors", dtype=weight_dtype)
+                return
+            unwrapped.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+            if ema is not None:
+                with _ema_weights(ema, transformer):
+                    transformer.save_pretrained(folder / "transformer_ema", safe_serialization=True)
+
+        extra = {"epoch": epoch, "rounds_in_epoch": rounds, "data_reads": health.reads, "data_failures": health.failures}
+        save_checkpoint(accelerator, output_dir, step, extra=extra, keep_last=cfg.checkpoints_total_limit,
+                        save_model_fn=write_model)
+
+    # --- the loop
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    result = TrainResult(global_step, output_dir=str(output_dir))
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    accumulated, micro = 0.0, 0
+    epoch, rounds = first_epoch, rounds_done
+    while global_step < max_train_steps and (cfg.max_train_steps or epoch < cfg.num_train_epochs):
+        sampler.set_epoch(epoch, skip_rounds=rounds)
+        batches_this_pass = 0
+        for batch in loader:
+            batches_this_pass += 1
+            health.record(batch["failures"] + sampler.failures, successes=batch["reads"])
+            sampler.failures.clear()
+            # decide on the counts of all processes, so every rank stops together
+            totals = accelerator.reduce(torch.tensor([health.reads, health.failures], device=device), "sum")
+            health.check(int(totals[0]), int(totals[1]))
+
+            if global_step == 0 and batches_this_pass == 1 and resume is None and accelerator.is_main_process:
+                write_sanity_check(batch, output_dir / "sanity_check")
+            model.train()
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, transformer, frozen, objective, batch, cfg, device, weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and not use_deepspeed:
+                    # full fine-tunes use the original's adaptive clip value, LoRA a plain one
+                    norm = float(accelerator.clip_grad_norm_(trainable, float("inf")))  # unscale + measure only
+                    clip = cfg.max_grad_norm if cfg.lora else adaptive_clip_norm(global_step, norm, cfg)
+                    torch.nn.utils.clip_grad_norm_(trainable, clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            rounds += 1
+            accumulated += accelerator.gather(loss.detach()[None]).mean().item()
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            lr_scheduler.step()
+            global_step += 1
+            if ema is not None:
+                ema.step(transformer.parameters())
+            step_loss, accumulated, micro = accumulated / micro, 0.0, 0
+            result.losses.append((global_step, step_loss))
+            lr = lr_scheduler.get_last_lr()[0]
+            record = {"step": global_step, "loss": step_loss, "lr": lr}
+            if not use_deepspeed:
+                record["grad_norm"] = norm
+            accelerator.log({"train_loss": step_loss, **{k: v for k, v in record.items() if k in ("lr", "grad_norm")}},
+                            step=global_step)
+            if accelerator.is_main_process:
+                with open(output_dir / "train_log.jsonl", "a") as log_file:
+                    log_file.write(json.dumps(record) + "\n")
+            progress.update(1)
+            progress.set_postfix(step_loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if global_step % cfg.checkpointing_steps == 0:
+                save(global_step, epoch, rounds)
+            if cfg.validation_prompts and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
+                render_validation(frozen, transformer, ema, cfg, global_step, output_dir)
+            if global_step >= max_train_steps:
+                break
+        else:
+            if batches_this_pass == 0 and rounds == 0:
+                raise DataError(f"epoch {epoch} produced no batch: no bucket of the readable entries fills a batch of "
+                                f"{cfg.train_batch_size}; {health.summary()}")
+            epoch, rounds = epoch + 1, 0
+
+    # --- the end: final checkpoint (if the last step was not one), EMA weights into the model
+    if global_step % cfg.checkpointing_steps:
+        save(global_step, epoch, rounds)
+    if ema is not None:
+        ema.copy_to(transformer.parameters())
+    result.global_step = global_step
+    result.data_summary = health.summary()
+    accelerator.print(result.data_summary)
+    accelerator.end_training()
+    return result
+
+
+def write_sanity_check(batch: dict, folder: Path) -> None:
+    """The first batch as the model sees it: ``{i}-{caption}.gif`` (pixels), ``…-masked.gif`` and ``…-clip.png``
+    (inpaint mode), so crops, frame sampling and masks can be checked by eye before a long run."""
+    import re
+
+    from PIL import Image
+
+    from ..utils.video_io import save_video
+
+    for i, text in enumerate(batch["text"]):
+        stem = f"{i}-" + (re.sub(r"[^\w]+", "_", " ".join(text.split()[:10])).strip("_") or "no_caption")[:80]
+        save_video((batch["pixel_values"][i].transpose(0, 1) + 1) / 2, folder / f"{stem}.gif", fps=8)
+        if "mask_pixel_values" in batch:
+            save_video((batch["mask_pixel_values"][i].transpose(0, 1) + 1) / 2, folder / f"{stem}-masked.gif", fps=8)
+            Image.fromarray(batch["clip_pixel_values"][i].numpy()).save(folder / f"{stem}-clip.png")
+
+
+def _register_state_hooks(accelerator, transformer: nn.Module, lora_network) -> None:
+    """Checkpoints hold the trained weights once, in the released format (``transformer/`` folder or the LoRA
+    safetensors file, written by ``save_model_fn``); accelerate's own copy of the model is skipped."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return  # DeepSpeed saves its sharded engine state itself
+
+    def skip_model_weights(models, weights, output_dir):
+        weights.clear()
+
+    def load_model_weights(models, input_dir):
+        models.clear()
+        from ..utils.weights import load_state_dict_strict, read_folder_weights, read_weights_file
+
+        if lora_network is not None:
+            state = read_weights_file(os.path.join(input_dir, LORA_STATE_FILE))
+            load_state_dict_strict(lora_network, state, source=input_dir)
+        else:
+            state = read_folder_weights(os.path.join(input_dir, "transformer"))
+            load_state_dict_strict(transformer, state, source=input_dir)
+
+    accelerator.register_save_state_pre_hook(skip_model_weights)
+    accelerator.register_load_state_pre_hook(load_model_weights)
+
+
+class _ema_weights:
+    """Context manager: the EMA weights in the transformer, the training weights restored afterwards."""
+
+    def __init__(self, ema, transformer):
+        self.ema, self.transformer = ema, transformer
+
+    def __enter__(self):
+        self.ema.store(self.transformer.parameters())
+        self.ema.copy_to(self.transformer.parameters())
+
+    def __exit__(self, *exc):
+        self.ema.restore(self.transformer.parameters())
+
+
+@torch.no_grad()
+def render_validation(frozen: FrozenModels, transformer: nn.Module, ema, cfg: TrainConfig, step: int,
+                      output_dir: Path) -> list[Path]:
+    """One video and one image per validation prompt with the current (EMA) weights, saved as
+    ``output_dir/sample/sample-{step}-{i}.gif`` / ``…-image-{i}.gif``. Failures are logged, never fatal."""
+    from ..utils.video_io import save_video
+
+    pipe = frozen.pipeline
+    frames = max(cfg.video_sample_n_frames // 8 * 8, 8)
+    size = cfg.video_sample_size // 16 * 16
+    was_training = transformer.training
+    transformer.eval()
+    saved = []
+    context = _ema_weights(ema, transformer) if ema is not None else contextlib.nullcontext()
+    device = next(transformer.parameters()).device
+    offloaded = [m for m in (pipe.text_encoder, pipe.text_encoder_2) if next(m.parameters()).device != device]
+    try:
+        for module in offloaded:  # precomputed text embeddings parked the encoders on the CPU
+            module.to(device)
+        with context:
+            for i, prompt in enumerate(cfg.validation_prompts):
+                generator = torch.Generator().manual_seed(cfg.seed)
+                for length, name in ((frames, f"sample-{step}-{i}.gif"), (1, f"sample-{step}-image-{i}.gif")):
+                    video = pipe(prompt, negative_prompt=VALIDATION_NEGATIVE_PROMPT, height=size, width=size,
+                                 video_length=length, num_inference_steps=cfg.validation_inference_steps,
+                                 guidance_scale=7.0, generator=generator).videos
+                    saved.append(save_video(video, output_dir / "sample" / name, fps=8))
+    except Exception:
+        logger.exception("validation sampling failed at step %d (training continues)", step)
+    finally:
+        for module in offloaded:
+            module.to("cpu")
+        transformer.train(was_training)
+    return saved
+

@@ -1,0 +1,352 @@
+"""Training objective and loop on the tiny model: loss falls, resume reproduces the losses, two processes match
+one, broken files are skipped and reported, LoRA trains and loads into the pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from easyanimate.data.dataset import DataError
+from easyanimate.training.config import TrainConfig, parse_args
+from easyanimate.training.objective import (
+    DiffusionObjective, clip_keep_mask, diffusion_loss, discard_learned_sigma, inpaint_condition_flags,
+    sample_logit_normal_timesteps, share_noise_across_frames,
+)
+from easyanimate.training.trainer import adaptive_clip_norm, train
+
+REPO = Path(__file__).resolve().parents[1]
+V4_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule="scaled_linear",
+                    steps_offset=1, prediction_type="v_prediction", clip_sample=False)
+
+
+# ------------------------------------------------------------------------------------------------ objective
+def test_forward_process_and_v_target_follow_the_scheduler():
+    objective = DiffusionObjective(DDPMScheduler(**V4_SCHEDULER))
+    betas = torch.linspace(0.00085**0.5, 0.03**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    x0, eps = torch.randn(3, 4, 2, 4, 4), torch.randn(3, 4, 2, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    noisy, target = objective.noisy_latents_and_target(x0, eps, t)
+    a = abar[t].float().sqrt()[:, None, None, None, None]
+    s = (1 - abar[t]).float().sqrt()[:, None, None, None, None]
+    torch.testing.assert_close(noisy, a * x0 + s * eps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target, a * eps - s * x0, rtol=1e-5, atol=1e-5)
+    eps_objective = DiffusionObjective(DDPMScheduler(**{**V4_SCHEDULER, "prediction_type": "epsilon"}))
+    assert torch.equal(eps_objective.noisy_latents_and_target(x0, eps, t)[1], eps)
+
+
+def test_logit_normal_timesteps_are_keyed_and_distributed():
+    keys = [(0, i, 0) for i in range(4000)]
+    t = sample_logit_normal_timesteps(keys, seed=1, num_train_timesteps=1000)
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    assert torch.equal(t[:10], sample_logit_normal_timesteps(keys[:10], seed=1, num_train_timesteps=1000))
+    # sigmoid(N(0,1)) quantiles: median 0.5, 84th percentile sigmoid(1) = 0.731
+    q = np.quantile(t.numpy(), [0.5, 0.8413])
+    assert abs(q[0] - 500) < 20 and abs(q[1] - 731) < 20
+    assert not torch.equal(t, sample_logit_normal_timesteps(keys, seed=2, num_train_timesteps=1000))
+
+
+def test_loss_discards_learned_sigma_and_adds_motion_term():
+    pred, target = torch.randn(2, 8, 4, 3, 3), torch.randn(2, 4, 4, 3, 3)
+    first = discard_learned_sigma(pred, 4)
+    assert torch.equal(first, pred[:, :4])
+    with pytest.raises(ValueError, match="channels"):
+        discard_learned_sigma(torch.randn(2, 6, 1, 2, 2), 4)
+    mse = ((first - target) ** 2).mean()
+    motion = (((first[:, :, 1:] - first[:, :, :-1]) - (target[:, :, 1:] - target[:, :, :-1])) ** 2).mean()
+    torch.testing.assert_close(diffusion_loss(first, target), mse)
+    torch.testing.assert_close(diffusion_loss(first, target, 0.25), 0.75 * mse + 0.25 * motion)
+    # no motion term with 2 latent frames or fewer
+    torch.testing.assert_close(diffusion_loss(first[:, :, :2], target[:, :, :2], 0.25), ((first - target)[:, :, :2] ** 2).mean())
+    objective = DiffusionObjective(DDPMScheduler(**V4_SCHEDULER), motion_sub_loss_ratio=0.25)
+    torch.testing.assert_close(objective.loss(pred, target), 0.75 * mse + 0.25 * motion)
+
+
+def test_noise_is_keyed_per_sample_and_optionally_shared_across_frames():
+    objective = DiffusionObjective(DDPMScheduler(**V4_SCHEDULER), seed=3)
+    both = objective.sample_noise((4, 3, 2, 2), [(0, 0, 0), (0, 1, 0)])
+    alone = objective.sample_noise((4, 3, 2, 2), [(0, 1, 0)])
+    assert torch.equal(both[1:], alone) and not torch.equal(both[0], both[1])
+    shared = share_noise_across_frames(both, 0.5)
+    torch.testing.assert_close(shared[:, :, 1], 0.5 * shared[:, :, 0] + 0.5 * both[:, :, 1])
+
+
+def test_inpaint_flags_and_clip_drop_rates():
+    keys = [(0, i, 0) for i in range(2000)]
+    full = torch.ones(2000, 1, 1, 2, 2)
+    partial = full.clone()
+    partial[:, :, :, 0, 0] = 0
+    assert 0.87 < 1 - inpaint_condition_flags(full, keys, 0).mean() < 0.93
+    assert inpaint_condition_flags(partial, keys, 0).min() == 1
+    keep = clip_keep_mask(keys, 0, n_query=16)
+    assert keep.shape == (2000, 16) and torch.equal(keep, keep[:, :1].expand(-1, 16))
+    assert 0.45 < keep.mean() < 0.55
+
+
+def test_adaptive_gradient_clip():
+    cfg = TrainConfig(pretrained_model_name_or_path="m", train_data_meta="d", max_grad_norm=0.05)
+    assert adaptive_clip_norm(0, 1.0, cfg) == pytest.approx(0.25)
+    assert adaptive_clip_norm(500, 1.0, cfg) == pytest.approx(0.15)
+    assert adaptive_clip_norm(2000, 0.1, cfg) == pytest.approx(0.05)
+    assert adaptive_clip_norm(2000, 0.5, cfg) == pytest.approx(0.005)  # 10x abnormal -> damped 10x
+
+
+def test_cli_defaults_are_sane():
+    cfg = parse_args(["--pretrained_model_name_or_path", "m", "--train_data_meta", "d"])
+    assert cfg.video_repeat == 1 and cfg.trainable_modules == ["."] and cfg.seed == 42 and cfg.text_drop_ratio == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--train_data_meta", "d"])
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        Image.fromarray((rng.random((32, 64, 3)) * 255).astype(np.uint8)).save(root / f"img{i}.png")
+        rows.append({"file_path": f"img{i}.png", "text": f"picture number {i}", "type": "image"})
+    # broken: a corrupt image whose size is in the metadata (replaced in the dataset) and a missing video
+    (root / "broken.png").write_bytes(b"not a png")
+    rows.append({"file_path": "broken.png", "text": "broken", "type": "image", "width": 64, "height": 32})
+    rows.append({"file_path": "missing.mp4", "text": "missing", "type": "video"})
+    (root / "meta.json").write_text(json.dumps(rows))
+
+    for i in range(2):
+        frames = np.stack([np.full((32, 64, 3), 20 * i + 10 * f, np.uint8) for f in range(12)])
+        imageio.mimwrite(root / f"vid{i}.mp4", frames, fps=8, macro_block_size=1)
+    (root / "video_meta.json").write_text(json.dumps(
+        [{"file_path": f"vid{i}.mp4", "text": f"clip {i}", "type": "video"} for i in range(2)]))
+    one = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (32, 1, 3)))
+    one.save(root / "gradient.png")
+    (root / "one_image.json").write_text(json.dumps([{"file_path": "gradient.png", "text": "a gradient"}] * 8))
+    return root
+
+
+def _args(model_dir, data, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(model_dir), "--train_data_meta", str(data / "meta.json"),
+        "--train_data_dir", str(data), "--output_dir", str(out), "--image_sample_size", "32",
+        "--video_sample_size", "32", "--token_sample_size", "32", "--video_sample_n_frames", "8",
+        "--video_sample_stride", "1", "--report_to", "none", "--max_failure_fraction", "0.6", *extra,
+    ]
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model_dir, data, tmp_path_factory):
+    """One process, batch 2, 4 steps, a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("baseline")
+    result = train(parse_args(_args(tiny_model_dir, data, out, "--train_batch_size", "2", "--max_train_steps", "4",
+                                    "--checkpointing_steps", "2", "--learning_rate", "1e-3")))
+    return out, result
+
+
+def test_checkpoints_and_broken_files_are_reported(baseline, tiny_model_dir):
+    from easyanimate.models.transformer import HunyuanTransformer3DModel
+    from easyanimate.utils.weights import load_model_from_folder
+
+    out, result = baseline
+    assert result.global_step == 4 and [s for s, _ in result.losses] == [1, 2, 3, 4]
+    assert all(np.isfinite(loss) for _, loss in result.losses)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert "missing.mp4" in result.data_summary or "broken.png" in result.data_summary
+    sanity = sorted(p.name for p in (out / "sanity_check").iterdir())
+    assert len(sanity) == 6 and any(n.endswith("-masked.gif") for n in sanity) and any("picture_number" in n for n in sanity)
+    # the trained transformer is a released-format folder the pipeline loads strictly
+    trained = load_model_from_folder(HunyuanTransformer3DModel, out / "checkpoint-4" / "transformer")
+    base = load_model_from_folder(HunyuanTransformer3DModel, tiny_model_dir / "transformer")
+    assert not torch.equal(trained.proj_out.weight, base.proj_out.weight)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(baseline, tiny_model_dir, data, tmp_path):
+    out, result = baseline
+    resumed = train(parse_args(_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2",
+                                     "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3",
+                                     "--resume_from_checkpoint", str(out / "checkpoint-2"))))
+    assert [s for s, _ in resumed.losses] == [3, 4]
+    assert [l for _, l in resumed.losses] == [l for _, l in result.losses[2:]]
+
+
+def test_two_processes_match_one_process(baseline, tiny_model_dir, data, tmp_path):
+    out, result = baseline
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+           str(REPO / "train.py"), *_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "1",
+                                          "--max_train_steps", "4", "--checkpointing_steps", "4",
+                                          "--learning_rate", "1e-3")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [row["loss"] for row in _log(tmp_path)]
+    np.testing.assert_allclose(two, [l for _, l in result.losses], rtol=1e-4)
+    from safetensors.torch import load_file
+
+    name = "diffusion_pytorch_model.safetensors"
+    base = load_file(tiny_model_dir / "transformer" / name)
+    a = load_file(out / "checkpoint-4" / "transformer" / name)
+    b = load_file(tmp_path / "checkpoint-4" / "transformer" / name)
+    # Adam turns float-rounding differences of near-zero gradients into full-size steps for a few elements, so
+    # compare the whole update: the two runs' weight changes agree to 1 %.
+    update_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    update_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    assert (update_a - update_b).norm() < 0.01 * update_a.norm()
+
+
+def test_too_many_broken_files_stop_training(tiny_model_dir, data, tmp_path):
+    meta = tmp_path / "bad.json"
+    meta.write_text(json.dumps([{"file_path": str(data / "broken.png"), "text": "x", "width": 64, "height": 32}] * 4))
+    args = _args(tiny_model_dir, data, tmp_path / "out", "--train_batch_size", "2", "--max_train_steps", "2",
+                 "--max_retries", "2")
+    args[args.index("--train_data_meta") + 1] = str(meta)
+    with pytest.raises(DataError, match="could not be read"):
+        train(parse_args(args))
+
+
+def _fixed_batch_loss(model_dir, transformer_folder, data):
+    """Mean loss of the one-image set over 8 fixed sample keys (same noise and timesteps for every model)."""
+    from easyanimate.data.buckets import BucketCollate
+    from easyanimate.data.dataset import SampleRef, VideoImageDataset
+    from easyanimate.data.metadata import load_metadata
+    from easyanimate.training import trainer as T
+
+    cfg = parse_args(_args(model_dir, data, "unused", "--transformer_path", str(transformer_folder)))
+    transformer, frozen = T.load_models(cfg, torch.device("cpu"), torch.float32)
+    objective = DiffusionObjective.from_model_folder(model_dir, seed=cfg.seed)
+    entries = load_metadata(data / "one_image.json", data)
+    dataset = VideoImageDataset(entries, cfg.data_config(), seed=cfg.seed)
+    collate = BucketCollate(cfg.data_config(), cfg.seed)
+    batch = collate([dataset[SampleRef(0, 99, 1000 + i)] for i in range(8)])
+    with torch.no_grad():
+        return float(T.compute_loss(T.TrainableTransformer(transformer), transformer, frozen, objective, batch, cfg,
+                                    "cpu", torch.float32))
+
+
+def test_loss_falls_on_a_learnable_set(tiny_model_dir, data, tmp_path):
+    args = _args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps", "12",
+                 "--checkpointing_steps", "12", "--learning_rate", "5e-3", "--lr_scheduler", "constant")
+    args[args.index("--train_data_meta") + 1] = str(data / "one_image.json")
+    train(parse_args(args))
+    before = _fixed_batch_loss(tiny_model_dir, tiny_model_dir / "transformer", data)
+    after = _fixed_batch_loss(tiny_model_dir, tmp_path / "checkpoint-12" / "transformer", data)
+    print(f"fixed-batch loss before {before:.4f}, after {after:.4f}")
+    assert after < 0.8 * before, (before, after)
+
+
+def test_lora_trains_saves_and_changes_pipeline_output(tiny_model_dir, data, tmp_path):
+    from safetensors.torch import load_file
+
+    from easyanimate.pipeline import EasyAnimatePipeline
+
+    args = _args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps", "3",
+                 "--checkpointing_steps", "3", "--learning_rate", "1e-2", "--lora", "--rank", "4",
+                 "--network_alpha", "2")
+    args[args.index("--report_to") + 1] = "tensorboard"
+    train(parse_args(args))
+    lora_file = tmp_path / "checkpoint-3.safetensors"
+    state = load_file(lora_file)
+    assert "lora_unet__blocks_0_attn1_to_q.lora_down.weight" in state and "lora_unet__proj_out.alpha" in state
+    assert state["lora_unet__blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 4
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_up" in k)  # trained away from zero
+    assert (tmp_path / "checkpoint-3" / "lora_diffusion_pytorch_model.safetensors").is_file()
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+
+    pipe = EasyAnimatePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32, device="cpu")
+    kwargs = dict(height=32, width=32, video_length=1, num_inference_steps=2, output_type="latent")
+
+    def run():
+        return pipe("a gradient", generator=torch.Generator().manual_seed(0), **kwargs).videos
+
+    plain = run()
+    pipe.load_lora(lora_file, 1.0)
+    adapted = run()
+    pipe.unload_lora()
+    assert (adapted - plain).abs().max() > 1e-4
+    torch.testing.assert_close(run(), plain)
+
+
+def test_video_token_length_ema_and_checkpointing_options(tiny_model_dir, data, tmp_path):
+    args = _args(tiny_model_dir, data, tmp_path, "--train_batch_size", "1", "--max_train_steps", "2",
+                 "--checkpointing_steps", "2", "--random_hw_adapt", "--training_with_video_token_length",
+                 "--random_frame_crop", "--motion_sub_loss", "--use_ema", "--gradient_checkpointing",
+                 "--precompute_text_embeddings", "--checkpoints_total_limit", "1")
+    args[args.index("--train_data_meta") + 1] = str(data / "video_meta.json")
+    result = train(parse_args(args))
+    assert result.global_step == 2 and all(np.isfinite(l) for _, l in result.losses)
+    assert (tmp_path / "checkpoint-2" / "transformer_ema" / "config.json").is_file()
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("script,token,batch,steps", [("train_stage1.sh", "256", 1024, "60000"),
+                                                      ("train_stage2.sh", "512", 192, "16000"),
+                                                      ("train_stage4.sh", "1024", 96, "5000")])
+def test_stage_scripts_express_the_v4_recipe(tmp_path, script, token, batch, steps):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "accelerate").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (fake / "accelerate").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", ARGS_OUT=str(tmp_path / "args"), NUM_GPUS="8",
+               LEARNING_RATE="3e-5")
+    subprocess.run(["bash", str(REPO / "scripts" / script), "--validation_steps", "7"], env=env, check=True,
+                   capture_output=True, timeout=60)
+    args = (tmp_path / "args").read_text().split("\n")
+
+    def value(flag):
+        return args[args.index(flag) + 1]
+
+    assert value("--token_sample_size") == token and value("--video_sample_n_frames") == "144"
+    assert value("--max_train_steps") == steps and value("--learning_rate") == "3e-5"
+    assert int(value("--gradient_accumulation_steps")) * 8 == batch and value("--num_processes") == "8"
+    assert "--use_deepspeed" in args and "configs/zero_stage2_config.json" in args
+    assert "--training_with_video_token_length" in args and value("--validation_steps") == "7"
+    assert args.index("train.py") > args.index("--use_deepspeed")
+    cfg = parse_args([a for a in args[args.index("train.py") + 1 :] if a != ""])  # train.py accepts every flag
+    assert cfg.random_hw_adapt and cfg.motion_sub_loss and cfg.train_mode == "inpaint" and cfg.max_grad_norm == 0.05
+
+
+def test_lora_script_defaults(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "accelerate").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (fake / "accelerate").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", ARGS_OUT=str(tmp_path / "args"), NUM_GPUS="1",
+               RANK="32")
+    subprocess.run(["bash", str(REPO / "scripts" / "train_lora.sh")], env=env, check=True, capture_output=True,
+                   timeout=60)
+    args = (tmp_path / "args").read_text().split("\n")
+    assert "--lora" in args and args[args.index("--rank") + 1] == "32"
+    assert args[args.index("--network_alpha") + 1] == "64" and args[args.index("--learning_rate") + 1] == "1e-4"
+    assert "--use_deepspeed" not in args
+    assert parse_args([a for a in args[args.index("train.py") + 1 :] if a != ""]).lora
+
+
+def test_trainable_modules_select_parameters_by_name(tiny_model_dir):
+    from easyanimate.models.transformer import HunyuanTransformer3DModel
+    from easyanimate.training.trainer import select_trainable
+    from easyanimate.utils.weights import load_model_from_folder
+
+    transformer = load_model_from_folder(HunyuanTransformer3DModel, tiny_model_dir / "transformer")
+    cfg = TrainConfig(pretrained_model_name_or_path="m", train_data_meta="d", learning_rate=1e-4,
+                      trainable_modules=["attn1"], trainable_modules_low_learning_rate=["proj_out"])
+    groups = select_trainable(transformer, cfg)
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    assert trainable and all("attn1" in n or "proj_out" in n for n in trainable)
+    assert [g["lr"] for g in groups] == [1e-4, 5e-5]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for n, p in transformer.named_parameters() if n in trainable)
+    with pytest.raises(ValueError, match="matches no transformer parameter"):
+        select_trainable(transformer, TrainConfig(pretrained_model_name_or_path="m", train_data_meta="d",
+                                                  trainable_modules=["no_such_module"]))
+    with pytest.raises(ValueError, match="does not apply to --lora"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_meta="d", lora=True, use_ema=True)
