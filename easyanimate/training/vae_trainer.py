@@ -1,0 +1,487 @@
+"""Training the video VAE with accelerate (spec vae.md §6).
+
+One step, for one homogeneous batch of images (T = 1) or clips:
+
+1. autoencoder step: encode, sample the posterior, decode; ``nll + kl_weight * kl`` and, from ``disc_start`` on,
+   the adaptively weighted GAN term (:class:`~easyanimate.training.vae_losses.VAELoss`); Adam step.
+2. discriminator step (from ``disc_start`` on): hinge loss of the 2D and 3D discriminators on the real batch and
+   the reconstructions of step 1; Adam step.
+
+Unlike the original (PyTorch Lightning), step 2 reuses the reconstructions of step 1 instead of running the whole
+VAE a second time; the discriminator then sees the reconstructions of the weights before the step-1 update rather
+than after it, a one-step lag that saves a third of the compute once the GAN is on.
+
+Randomness (data crops, posterior noise) is keyed by the step, so a resumed run continues exactly as the
+uninterrupted one. Output: checkpoints ``output_dir/checkpoint-{step}`` (each with a ``vae/`` folder) and the final
+``output_dir/vae`` (``config.json`` + ``diffusion_pytorch_model.safetensors``), loadable by
+``AutoencoderKLMagvit.from_pretrained``; with EMA on, ``vae/`` holds the EMA weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..data.metadata import load_metadata
+from ..data.seeding import POSTERIOR, keyed_randn
+from ..data.vae_dataset import HomogeneousBatchSampler, VAEDataset, check_video_len, collate_clips
+from ..utils.weights import CheckpointError, read_folder_weights
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .vae_losses import LPIPS, Discriminators, LossWeights, VAELoss
+
+logger = logging.getLogger(__name__)
+
+TRAIN_MODES = ("full", "decoder_only", "encoder_only")
+
+
+class VAEConfigError(ValueError):
+    """A VAE training setting is missing, unknown or out of range."""
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class VAETrainConfig:
+    """Every setting of a VAE training run (``configs/vae_*.yaml``; command-line flags override the file).
+    Defaults follow the original's ``autoencoder_kl_32x32x4_slice.yaml`` except ``video_len`` (25 cannot be
+    reconstructed by the V4 cache VAE; 24 can)."""
+
+    # model: a folder to start from (config.json + weights; training-only ``loss.*`` keys are ignored), or a
+    # config.json to start from random weights.
+    pretrained_vae: str | None = None
+    vae_config: str | None = None
+    # data
+    train_data_meta: str | None = None
+    train_data_dir: str | None = None
+    size: int = 256
+    video_len: int = 24
+    frame_interval: int = 1
+    min_crop: float = 0.25
+    max_crop: float = 1.0
+    batch_size: int = 1
+    num_workers: int = 2
+    # optimisation
+    max_train_steps: int = 100_000
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    train_mode: str = "full"  # full | decoder_only | encoder_only
+    # loss
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0
+    lpips_weights: str | None = None
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.5
+    disc_start: int = 50001
+    disc_frame_channels: int = 64
+    disc_frame_layers: int = 3
+    disc_video_channels: list = field(default_factory=lambda: [64, 128, 256])
+    disc_norm_groups: int = 32
+    # options
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    # output
+    output_dir: str = "output_vae"
+    logging_dir: str = "logs"
+    checkpointing_steps: int = 1000
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    log_every: int = 10
+    image_log_every: int = 1000
+    seed: int = 23
+
+    def validate(self) -> None:
+        if (self.pretrained_vae is None) == (self.vae_config is None):
+            raise VAEConfigError(
+                "give exactly one of pretrained_vae (a VAE folder to fine-tune) or vae_config (a config.json)"
+            )
+        if not self.train_data_meta:
+            raise VAEConfigError("train_data_meta is required: a JSON/CSV list of {file_path, type: image|video}")
+        if self.train_mode not in TRAIN_MODES:
+            raise VAEConfigError(f"train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise VAEConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.l1_weight <= 0 and self.l2_weight <= 0 and self.perceptual_weight <= 0:
+            raise VAEConfigError("at least one of l1_weight, l2_weight, perceptual_weight must be > 0")
+        if self.perceptual_weight > 0 and not self.lpips_weights:
+            raise VAEConfigError(
+                f"perceptual_weight is {self.perceptual_weight} but lpips_weights is not set: pass --lpips_weights "
+                "with the VGG16 LPIPS weights (one file with net.slice*/lin* keys, a VAE training checkpoint of the "
+                "original with loss.perceptual_loss.* keys, or torchvision's vgg16 .pth and the lpips package's "
+                "weights/v0.1/vgg.pth joined by a comma), or set --perceptual_weight 0"
+            )
+        if self.disc_weight > 0 and self.size // 2**self.disc_frame_layers < 3:
+            raise VAEConfigError(
+                f"size={self.size} is too small for the {self.disc_frame_layers}-layer frame discriminator; it needs "
+                f"size >= {3 * 2**self.disc_frame_layers} (or fewer disc_frame_layers)"
+            )
+        for name in ("max_train_steps", "batch_size", "checkpointing_steps", "log_every", "image_log_every"):
+            if getattr(self, name) < 1:
+                raise VAEConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> VAETrainConfig:
+    """A :class:`VAETrainConfig` from a YAML file (optional) with ``overrides`` on top; unknown keys are an error."""
+    from omegaconf import OmegaConf
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise VAEConfigError(f"config file not found: {path}")
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(VAETrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise VAEConfigError(f"unknown VAE training settings {unknown}; known settings: {sorted(known)}")
+    return VAETrainConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks of the run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_vae(cfg: VAETrainConfig):
+    from ..models.vae import AutoencoderKLMagvit
+
+    if cfg.vae_config is not None:
+        config_path = Path(cfg.vae_config)
+        if not config_path.is_file():
+            raise VAEConfigError(f"vae_config not found: {config_path}")
+        return AutoencoderKLMagvit.from_config(json.loads(config_path.read_text()))
+    folder = Path(cfg.pretrained_vae)
+    # Accept the model root as well as its vae/ folder. Training-only ``loss.*`` keys are ignored on load.
+    subfolder = "vae" if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file() else None
+    return AutoencoderKLMagvit.from_pretrained(folder, subfolder=subfolder)
+
+
+def select_trainable(vae: nn.Module, mode: str) -> tuple[list[nn.Parameter], nn.Parameter]:
+    """Freeze what ``mode`` keeps fixed; return the trainable parameters and the layer at which the adaptive GAN
+    weight compares gradients: the decoder's last conv, or ``quant_conv`` when only the encoder trains (the
+    original has no answer for that case: its decoder layer gets no gradient)."""
+    vae.requires_grad_(True)
+    if mode == "decoder_only":
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    elif mode == "encoder_only":
+        vae.decoder.requires_grad_(False)
+        vae.post_quant_conv.requires_grad_(False)
+    last_layer = vae.quant_conv.weight if mode == "encoder_only" else vae.decoder.conv_out.weight
+    return [p for p in vae.parameters() if p.requires_grad], last_layer
+
+
+def build_loss(cfg: VAETrainConfig) -> VAELoss:
+    weights = LossWeights(
+        l1=cfg.l1_weight,
+        l2=cfg.l2_weight,
+        perceptual=cfg.perceptual_weight,
+        kl=cfg.kl_weight,
+        disc=cfg.disc_weight,
+        disc_start=cfg.disc_start,
+    )
+    lpips = LPIPS.from_file(cfg.lpips_weights) if cfg.perceptual_weight > 0 else None
+    discriminators = None
+    if cfg.disc_weight > 0:
+        discriminators = Discriminators(
+            frame_channels=cfg.disc_frame_channels,
+            frame_layers=cfg.disc_frame_layers,
+            video_channels=tuple(cfg.disc_video_channels),
+            video_norm_groups=cfg.disc_norm_groups,
+        )
+    return VAELoss(weights, discriminators, lpips)
+
+
+class Reconstruct(nn.Module):
+    """encode -> posterior sample -> decode as one ``forward``, so that a distributed wrapper sees one call.
+    The posterior noise is given by the caller (keyed by step) instead of drawn from the global generator."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, noise_key: tuple[int, ...]):
+        """-> (reconstruction, posterior mean, posterior logvar)"""
+        posterior = self.vae.encode(pixels).latent_dist
+        noise = keyed_randn(tuple(posterior.mean.shape), noise_key, dtype=posterior.mean.dtype, device=pixels.device)
+        latents = posterior.mean + posterior.std * noise
+        reconstruction = self.vae.decode(latents).sample
+        return reconstruction, posterior.mean, posterior.logvar
+
+
+def make_dataloader(cfg: VAETrainConfig, frame_multiple: int, start_batch: int, rank: int, world: int):
+    entries = load_metadata(cfg.train_data_meta, cfg.train_data_dir)
+    dataset = VAEDataset(
+        entries,
+        size=cfg.size,
+        video_len=cfg.video_len,
+        frame_interval=cfg.frame_interval,
+        frame_multiple=frame_multiple,
+        min_crop=cfg.min_crop,
+        max_crop=cfg.max_crop,
+        seed=cfg.seed,
+    )
+    sampler = HomogeneousBatchSampler(dataset.kinds, cfg.batch_size, cfg.seed, world, rank, start_batch)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_clips,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+
+def reconstruction_grid(pixels: torch.Tensor, reconstruction: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
+    """First sample's frames (top) over their reconstructions (bottom), as a (3, 2H, T*W) image in [0, 1]."""
+    real = pixels[0, :, :max_frames].float()
+    fake = reconstruction[0, :, :max_frames].float()
+    rows = [torch.cat(list(v.unbind(1)), dim=-1) for v in (real, fake)]  # (3, H, T*W)
+    return ((torch.cat(rows, dim=-2) + 1) / 2).clamp(0, 1).cpu()
+
+
+def restore_ema(ema, vae: nn.Module, vae_dir: Path, ema_steps: int | None) -> None:
+    """Set the EMA from a checkpoint's ``vae/`` folder (which holds the EMA weights when the run used EMA;
+    ``ema_steps`` None means it did not, and the EMA restarts from the trained weights). Read with safetensors,
+    not accelerate's pickled custom state."""
+    if ema_steps is None:
+        logger.warning("the checkpoint was written without EMA: starting the EMA from its trained weights")
+        ema.shadow_params = [p.detach().clone() for p in vae.parameters()]
+        ema.optimization_step = 0
+        return
+    state = read_folder_weights(vae_dir)
+    names = [name for name, _ in vae.named_parameters()]
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise CheckpointError(f"{vae_dir}: EMA weights lack {len(missing)} parameters, e.g. {missing[:3]}")
+    for shadow, name in zip(ema.shadow_params, names):
+        shadow.copy_(state[name].to(shadow.dtype))
+    ema.optimization_step = ema_steps
+
+
+class StopRequest:
+    """Turns Ctrl-C / SIGTERM into a request to stop after the current step, so that the run ends with a complete
+    checkpoint instead of losing the work since the last one. A second signal stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        logger.warning("signal %d: finishing this step, saving a checkpoint and stopping (again to stop now)", signum)
+        self.requested = True
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was asked to stop (all processes must save the checkpoint together)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+@dataclass
+class TrainResult:
+    vae: nn.Module  # the trained model, as saved (the EMA weights when EMA is on)
+    vae_dir: Path
+    history: list[dict[str, float]]  # what was logged (every log_every steps), in order
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: VAETrainConfig) -> TrainResult:
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.training_utils import EMAModel
+
+    cfg.validate()
+    if cfg.mixed_precision != "no" and PartialState().device.type == "cpu":
+        # Checked before the Accelerator exists: its mixed-precision setting cannot be changed afterwards.
+        raise VAEConfigError(
+            f"mixed_precision={cfg.mixed_precision} on the CPU: PyTorch's CPU Conv3d backward returns inf/NaN "
+            "under bf16 autocast (seen with torch 2.13), which breaks the VAE on the first step. Train in fp32 "
+            "(mixed_precision: no) on the CPU, or use a GPU."
+        )
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
+    )
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)  # initial weights of the discriminators (and of a VAE built from a config)
+
+    vae = build_vae(cfg)
+    frame_multiple = int(getattr(vae.config, "mini_batch_encoder", 8))
+    try:
+        check_video_len(cfg.video_len, frame_multiple)
+    except ValueError as exc:
+        raise VAEConfigError(str(exc)) from None
+    if cfg.gradient_checkpointing:
+        if not getattr(vae, "_supports_gradient_checkpointing", False):
+            raise VAEConfigError("gradient_checkpointing: this VAE implementation does not support it; turn it off")
+        vae.enable_gradient_checkpointing()
+    vae.train()
+    trainable, last_layer = select_trainable(vae, cfg.train_mode)
+    loss_fn = build_loss(cfg).to(device)
+    discriminators = loss_fn.discriminators
+
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    opt_ae = torch.optim.Adam(trainable, lr=cfg.learning_rate, betas=betas)
+    reconstruct = Reconstruct(vae)
+    if discriminators is not None:
+        opt_disc = torch.optim.Adam(discriminators.parameters(), lr=cfg.learning_rate, betas=betas)
+        reconstruct, discriminators, opt_ae, opt_disc = accelerator.prepare(
+            reconstruct, discriminators, opt_ae, opt_disc
+        )
+    else:
+        opt_disc = None
+        reconstruct, opt_ae = accelerator.prepare(reconstruct, opt_ae)
+    vae_module = accelerator.unwrap_model(reconstruct).vae
+    disc_module = accelerator.unwrap_model(discriminators) if discriminators is not None else None
+
+    ema = None
+    if cfg.use_ema:
+        # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n, the warm-up of LDM's LitEma. The
+        # spec records only the original's decay (0.9999, every batch), not whether its callback warms up.
+        ema = EMAModel(vae_module.parameters(), decay=cfg.ema_decay)
+        ema.to(device)
+
+    def save_vae(folder: Path) -> None:
+        """Write ``folder/vae``: the EMA weights when EMA is on (they are also what a resume restores the EMA
+        from), else the trained weights."""
+        params = list(vae_module.parameters())
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            vae_module.save_pretrained(str(folder / "vae"), safe_serialization=True)
+        finally:
+            if ema is not None:
+                ema.restore(params)
+
+    start_step = 0
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        start_step = int(state["step"])
+        if ema is not None:
+            restore_ema(ema, vae_module, resume / "vae", start_step if state.get("ema") else None)
+        logger.info("resumed from %s at step %d", resume, start_step)
+        if start_step >= cfg.max_train_steps:
+            logger.info("nothing to do: the checkpoint is at step %d >= max_train_steps", start_step)
+    checkpoint_state = {"ema": ema is not None}
+
+    loader = make_dataloader(cfg, frame_multiple, start_step, accelerator.process_index, accelerator.num_processes)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("vae", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+
+    history: list[dict[str, float]] = []
+    step = start_step
+    progress = tqdm(
+        total=cfg.max_train_steps, initial=start_step, desc="VAE steps", disable=not accelerator.is_local_main_process
+    )
+    batches = iter(loader)
+    with StopRequest() as stop:
+        while step < cfg.max_train_steps:
+            batch = next(batches)
+            pixels = batch["pixels"].to(device)
+            disc_on = loss_fn.disc_active(step)
+
+            # 1. autoencoder
+            with accelerator.autocast():
+                noise_key = (cfg.seed, POSTERIOR, step, accelerator.process_index)
+                reconstruction, mean, logvar = reconstruct(pixels, noise_key)
+                if disc_module is not None:
+                    disc_module.requires_grad_(False)  # the GAN term must not train the discriminators
+                loss, logs = loss_fn.generator_loss(pixels, reconstruction, mean, logvar, step, last_layer, disc_module)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"step {step}: the VAE loss is {loss.item()} ({ {k: float(v) for k, v in logs.items()} }); "
+                    "lower the learning rate, or use bf16 / fp32 instead of fp16"
+                )
+            opt_ae.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt_ae.step()
+            if ema is not None:
+                ema.step(vae_module.parameters())
+
+            # 2. discriminators
+            if disc_on:
+                disc_module.requires_grad_(True)
+                with accelerator.autocast():
+                    d_loss, d_logs = loss_fn.discriminator_loss(pixels, reconstruction, discriminators)
+                opt_disc.zero_grad(set_to_none=True)
+                accelerator.backward(d_loss)
+                opt_disc.step()
+                logs.update(d_logs)
+
+            step += 1
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+                record = {k: float(v) for k, v in logs.items()}
+                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=step)
+                progress.set_postfix(rec=f"{record['rec_loss']:.4f}", kl=f"{record['kl_loss']:.1f}")
+                history.append({**record, "step": step, "batch_type": batch["type"]})
+            if accelerator.is_main_process and (step % cfg.image_log_every == 0 or step == cfg.max_train_steps):
+                writer = accelerator.get_tracker("tensorboard", unwrap=True)
+                grid = reconstruction_grid(pixels, reconstruction.detach())
+                writer.add_image(f"reconstruction/{batch['type']}", grid, step)
+            stopping = stop.agreed(accelerator)
+            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or stopping:
+                save_checkpoint(
+                    accelerator, output_dir, step, keep_last=cfg.checkpoints_total_limit, save_model_fn=save_vae,
+                    extra=checkpoint_state,
+                )
+            if stopping:
+                progress.close()
+                accelerator.end_training()
+                raise KeyboardInterrupt(f"stopped at step {step}; resume with --resume_from_checkpoint latest")
+    progress.close()
+
+    if ema is not None:
+        ema.copy_to(vae_module.parameters())  # the result of an EMA run is the EMA model
+    vae_dir = output_dir / "vae"
+    if accelerator.is_main_process:
+        # Write next to the destination and rename, so a crash never leaves a half-written vae/ folder.
+        partial = output_dir / "vae.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_vae(partial)
+        if vae_dir.exists():
+            shutil.rmtree(vae_dir)
+        os.replace(partial / "vae", vae_dir)
+        shutil.rmtree(partial, ignore_errors=True)
+        logger.info("saved the trained VAE to %s", vae_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(vae=vae_module.eval(), vae_dir=vae_dir, history=history)
