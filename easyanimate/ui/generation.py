@@ -1,0 +1,352 @@
+"""Generation requests of the web UI, independent of Gradio: validate settings, hold the loaded model, run the
+pipeline one request at a time, and save every result with the settings that made it.
+
+The :class:`Studio` owns the one loaded pipeline. A lock covers both model switching and generation, so a model
+switch waits for the running generation to finish instead of swapping weights under it (the Gradio queue also
+serialises them; the lock keeps that true for any other caller).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from easyanimate.data.buckets import bucket_crop_size, closest_ratio
+from easyanimate.ui.safety import (
+    NONE_CHOICE,
+    OutputFolder,
+    RefusedError,
+    UploadLimits,
+    check_video_upload,
+    list_lora_files,
+    list_model_folders,
+    open_image_upload,
+    resolve_lora_file,
+    resolve_model_folder,
+)
+
+logger = logging.getLogger(__name__)
+
+TEXT_TO_VIDEO = "Text to Video"
+TEXT_TO_IMAGE = "Text to Image"
+IMAGE_TO_VIDEO = "Image to Video"
+VIDEO_TO_VIDEO = "Video to Video"
+LONG_VIDEO = "Long Video"
+KINDS = (TEXT_TO_VIDEO, TEXT_TO_IMAGE, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, LONG_VIDEO)
+SAMPLERS = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")
+BASE_RESOLUTIONS = (512, 768, 960)
+
+SIZE_RANGE = (64, 2048)  # pixels, multiples of 16
+FRAMES_RANGE = (8, 144)  # one pass, multiples of 8 (the VAE's frame chunk)
+LONG_FRAMES_MAX = 1440
+OVERLAP_RANGE = (1, 4)
+STEPS_RANGE = (1, 100)
+GUIDANCE_RANGE = (0.0, 20.0)
+STRENGTH_RANGE = (0.05, 1.0)
+SEED_MAX = 10**8
+FPS = 24
+
+DEFAULT_PROMPT = (
+    "A young woman with beautiful, clear eyes and blonde hair stands in the forest, wearing a white dress and a "
+    "crown. Her expression is serene. The camera slowly zooms in. High quality, masterpiece, best quality."
+)
+DEFAULT_NEGATIVE_PROMPT = (
+    "Blurring, mutation, deformation, distortion, dark and solid, comics, text subtitles, line art, static, "
+    "ugly, error, messy code, low quality."
+)
+
+def reference_size(ref_height: int, ref_width: int, base_resolution: int) -> tuple[int, int]:
+    """(height, width) for a reference of the given size: the closest aspect-ratio bucket scaled to
+    ``base_resolution``, each side floored to a multiple of 16 (the original's "Resize according to Reference")."""
+    return bucket_crop_size(closest_ratio(ref_height, ref_width), base_resolution)
+
+
+@dataclass
+class GenerationSettings:
+    """Everything a user chooses for one generation (the settings JSON saved next to each result)."""
+
+    model: str
+    kind: str = TEXT_TO_VIDEO
+    prompt: str = DEFAULT_PROMPT
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    sampler: str = "Euler"
+    steps: int = 30
+    width: int = 672
+    height: int = 384
+    frames: int = 144
+    guidance_scale: float = 7.0
+    seed: int = 43
+    lora: str = NONE_CHOICE
+    lora_strength: float = 0.55
+    denoise_strength: float = 0.70
+    partial_frames: int = 72
+    overlap_frames: int = 4
+    resize_to_reference: bool = False
+    base_resolution: int = 512
+    start_image: str | None = None
+    end_image: str | None = None
+    video: str | None = None
+
+    def check(self) -> None:
+        """Raise :class:`RefusedError` naming the first setting that is out of range or inconsistent."""
+
+        def in_range(name: str, value: float, bounds: tuple[float, float], step: int | None = None) -> None:
+            low, high = bounds
+            if not low <= value <= high or (step and value % step):
+                rule = f"between {low} and {high}" + (f" and a multiple of {step}" if step else "")
+                raise RefusedError(f"{name} must be {rule}, got {value}")
+
+        if self.kind not in KINDS:
+            raise RefusedError(f"unknown generation kind {self.kind!r}; choose one of {list(KINDS)}")
+        if self.sampler not in SAMPLERS:
+            raise RefusedError(f"unknown sampler {self.sampler!r}; choose one of {list(SAMPLERS)}")
+        if not self.resize_to_reference:
+            in_range("width", self.width, SIZE_RANGE, 16)
+            in_range("height", self.height, SIZE_RANGE, 16)
+        elif self.base_resolution not in BASE_RESOLUTIONS:
+            raise RefusedError(f"base resolution must be one of {BASE_RESOLUTIONS}, got {self.base_resolution}")
+        if self.kind == LONG_VIDEO:
+            in_range("frame count", self.frames, (FRAMES_RANGE[0], LONG_FRAMES_MAX), 8)
+            in_range("partial length", self.partial_frames, FRAMES_RANGE, 8)
+            in_range("overlap", self.overlap_frames, OVERLAP_RANGE)
+        elif self.kind != TEXT_TO_IMAGE:
+            in_range("frame count", self.frames, FRAMES_RANGE, 8)
+        in_range("sampling steps", self.steps, STEPS_RANGE)
+        in_range("guidance scale", self.guidance_scale, GUIDANCE_RANGE)
+        in_range("LoRA strength", self.lora_strength, (0.0, 2.0))
+        if self.seed != -1:
+            in_range("seed (or -1 for a random one)", self.seed, (0, 2**63 - 1))
+        if self.kind == VIDEO_TO_VIDEO:
+            in_range("denoise strength", self.denoise_strength, STRENGTH_RANGE)
+            if not self.video:
+                raise RefusedError("video to video needs an input video: upload one")
+        if self.kind == IMAGE_TO_VIDEO and not self.start_image:
+            raise RefusedError("image to video needs a start image: upload one")
+        if self.end_image and not self.start_image:
+            raise RefusedError("an end image needs a start image too: upload a start image")
+        if self.kind not in (IMAGE_TO_VIDEO, LONG_VIDEO) and (self.start_image or self.end_image):
+            raise RefusedError(f"{self.kind.lower()} takes no start or end image; choose image to video or long video")
+        if self.kind != VIDEO_TO_VIDEO and self.video:
+            raise RefusedError(f"{self.kind.lower()} takes no input video; choose video to video")
+        if self.resize_to_reference and not (self.start_image or (self.kind == VIDEO_TO_VIDEO and self.video)):
+            raise RefusedError(
+                "resize to the reference needs a start image or an input video; upload one or set the size"
+            )
+
+
+@dataclass
+class GenerationResult:
+    """A saved result: the media file, its settings JSON, and the settings as a dict."""
+
+    path: Path
+    settings_path: Path
+    is_image: bool
+    settings: dict[str, Any]
+
+
+MEMORY_MODES = ("model_cpu_offload", "sequential_cpu_offload", "gpu")
+
+
+def easyanimate_loader(memory_mode: str = "model_cpu_offload") -> Callable[[Path], Any]:
+    """A function loading a model folder with the project's pipeline. On CPU everything runs in fp32; on a GPU
+    ``memory_mode`` keeps the weights on the CPU and moves each model in when it runs (the original's default),
+    streams every layer ("sequential_cpu_offload", for small GPUs), or keeps all of it on the GPU ("gpu")."""
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory_mode!r}; choose one of {MEMORY_MODES}")
+
+    def load(model_dir: Path) -> Any:
+        from easyanimate.pipeline import EasyAnimatePipeline, default_dtype
+
+        if not torch.cuda.is_available() or memory_mode == "gpu":
+            return EasyAnimatePipeline.from_pretrained(model_dir)
+        dtype = default_dtype(torch.device("cuda"))
+        pipe = EasyAnimatePipeline.from_pretrained(model_dir, torch_dtype=dtype, device="cpu")
+        if memory_mode == "sequential_cpu_offload":
+            pipe.enable_sequential_cpu_offload()
+        else:
+            pipe.enable_model_cpu_offload()
+        return pipe
+
+    return load
+
+
+def _is_inpaint_model(pipe: Any) -> bool:
+    """The InP model takes mask + masked-video latents (transformer in_channels != VAE latent channels)."""
+    return pipe.transformer.config.in_channels != pipe.vae.config.latent_channels
+
+
+class Studio:
+    """Holds the loaded pipeline and runs generations one at a time, saving each under the output folder."""
+
+    def __init__(
+        self,
+        models_dir: str | os.PathLike,
+        lora_dir: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        *,
+        load_pipeline: Callable[[Path], Any] | None = None,
+        limits: UploadLimits = UploadLimits(),
+    ):
+        self.models_dir = Path(models_dir)
+        self.lora_dir = Path(lora_dir)
+        self.output = OutputFolder(output_dir)
+        self.limits = limits
+        self._load_pipeline = load_pipeline or easyanimate_loader()
+        self._lock = threading.Lock()
+        self._pipe: Any = None
+        self._model_name: str | None = None
+
+    # -- choices ---------------------------------------------------------------------------------------------
+    def model_choices(self) -> list[str]:
+        return list_model_folders(self.models_dir)
+
+    def lora_choices(self) -> list[str]:
+        return [NONE_CHOICE, *list_lora_files(self.lora_dir)]
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self._model_name
+
+    # -- model ---------------------------------------------------------------------------------------------
+    def load_model(self, name: str) -> str:
+        """Load the model folder ``name`` (waits for a running generation); returns a status line."""
+        folder = resolve_model_folder(self.models_dir, name)
+        with self._lock:
+            self._ensure_model(name, folder)
+        return f"model {name} loaded"
+
+    def _ensure_model(self, name: str, folder: Path) -> Any:
+        if self._model_name != name:
+            self._pipe, self._model_name = None, None  # free the old model before loading the next
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.info("loading model %s", folder)
+            self._pipe = self._load_pipeline(folder)
+            self._model_name = name
+        return self._pipe
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generate(
+        self, settings: GenerationSettings, on_step: Callable[[int, int], None] | None = None
+    ) -> GenerationResult:
+        """Validate, run the pipeline, save the result and its settings; raises RefusedError for bad requests."""
+        settings.check()
+        folder = resolve_model_folder(self.models_dir, settings.model)
+        lora_path = resolve_lora_file(self.lora_dir, settings.lora)
+        start = open_image_upload(settings.start_image, self.limits, "start image") if settings.start_image else None
+        end = open_image_upload(settings.end_image, self.limits, "end image") if settings.end_image else None
+        video_frames = video_size = None
+        if settings.video:
+            video_frames, *video_size = check_video_upload(settings.video, self.limits, "input video")
+
+        height, width = settings.height, settings.width
+        if settings.resize_to_reference:
+            ref_h, ref_w = (start.height, start.width) if start is not None else video_size
+            height, width = reference_size(ref_h, ref_w, settings.base_resolution)
+        frames = 1 if settings.kind == TEXT_TO_IMAGE else settings.frames
+        if settings.kind == VIDEO_TO_VIDEO and video_frames < frames:
+            raise RefusedError(
+                f"the input video has {video_frames} frames but {frames} were asked for; "
+                f"choose a frame count of at most {video_frames // 8 * 8}"
+            )
+        if settings.kind == LONG_VIDEO and settings.partial_frames <= settings.overlap_frames:
+            raise RefusedError("the partial length must be longer than the overlap")
+        seed = random.randint(1, SEED_MAX) if settings.seed == -1 else settings.seed
+
+        with self._lock:
+            pipe = self._ensure_model(settings.model, folder)
+            if settings.kind in (IMAGE_TO_VIDEO, LONG_VIDEO) and not _is_inpaint_model(pipe):
+                raise RefusedError(f"{settings.kind.lower()} needs an InP model; {settings.model} is a text-only model")
+            pipe.set_sampler(settings.sampler)
+            began = time.time()
+            if lora_path is not None:
+                pipe.load_lora(lora_path, settings.lora_strength)
+            try:
+                videos = self._run(pipe, settings, height, width, frames, seed, start, end, on_step)
+            finally:
+                if lora_path is not None:
+                    pipe.unload_lora()
+            used = dataclasses.asdict(settings)
+            used.update(seed=seed, height=height, width=width, frames=frames, seconds=round(time.time() - began, 2))
+            for key in ("start_image", "end_image", "video"):  # the upload's name, not the server's temp path
+                used[key] = Path(used[key]).name if used[key] else None
+            return self._save(videos, settings.kind, used)  # inside the lock: output numbers are never shared
+
+    def _run(self, pipe, settings, height, width, frames, seed, start, end, on_step) -> torch.Tensor:
+        steps = settings.steps
+        if settings.kind == VIDEO_TO_VIDEO:
+            steps = max(1, int(steps * settings.denoise_strength))
+        calls = 1
+        if settings.kind == LONG_VIDEO:
+            calls = _long_video_chunks(settings.frames, settings.partial_frames, settings.overlap_frames)
+        total = steps * calls
+        done = 0
+
+        def step_end(pipeline, step, timestep, kwargs):
+            nonlocal done
+            done += 1
+            if on_step is not None:
+                on_step(min(done, total), total)
+            return kwargs
+
+        common = dict(
+            prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            callback_on_step_end=step_end,
+        )
+        if settings.kind == VIDEO_TO_VIDEO:
+            from easyanimate.utils.video_io import read_video
+
+            video = read_video(settings.video, num_frames=frames, size=(height, width))[None]
+            out = pipe(video_length=frames, video=video, strength=settings.denoise_strength, **common)
+        elif settings.kind == LONG_VIDEO:
+            out = pipe.generate_long_video(
+                video_length=frames,
+                chunk_length=settings.partial_frames,
+                overlap=settings.overlap_frames,
+                image=start,
+                end_image=end,
+                **common,
+            )
+        else:
+            out = pipe(video_length=frames, image=start, end_image=end, **common)
+        return out.videos
+
+    def _save(self, videos: torch.Tensor, kind: str, settings: dict[str, Any]) -> GenerationResult:
+        from easyanimate.utils.video_io import save_video
+
+        stem = self.output.new_stem(kind)
+        is_image = videos.shape[2] == 1
+        media = self.output.check(stem.with_suffix(".png" if is_image else ".mp4"))
+        save_video(videos, media, fps=FPS)  # writes a temporary file and renames it
+        settings = {**settings, "output": media.name, "fps": None if is_image else FPS}
+        settings_path = self.output.check(stem.with_suffix(".json"))
+        text = json.dumps(settings, indent=2, ensure_ascii=False)
+        tmp = settings_path.with_name(f".{settings_path.name}.partial")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, settings_path)
+        logger.info("saved %s and %s", media, settings_path.name)
+        return GenerationResult(path=media, settings_path=settings_path, is_image=is_image, settings=settings)
+
+
+def _long_video_chunks(frames: int, partial: int, overlap: int) -> int:
+    """Pipeline passes for a long video of ``frames`` in chunks of ``partial`` that overlap by ``overlap``
+    (the count ``EasyAnimatePipeline.generate_long_video`` makes)."""
+    if frames <= partial:
+        return 1
+    return 1 + -(-(frames - partial) // (partial - overlap))

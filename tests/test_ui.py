@@ -1,0 +1,522 @@
+"""The web UI: path confinement, upload checks, settings validation, one-at-a-time generation, and the Gradio API
+driven with gradio_client against a server on a free local port.
+
+The concurrency and race tests use a stand-in pipeline whose speed they control; the API tests use the real tiny
+model folder (``tiny_model_dir``) and the real pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from easyanimate.data.buckets import ASPECT_RATIO_512
+from easyanimate.ui.generation import (
+    IMAGE_TO_VIDEO,
+    LONG_VIDEO,
+    SAMPLERS,
+    TEXT_TO_IMAGE,
+    TEXT_TO_VIDEO,
+    VIDEO_TO_VIDEO,
+    GenerationSettings,
+    Studio,
+    reference_size,
+)
+from easyanimate.ui.safety import (
+    RefusedError,
+    UploadLimits,
+    check_video_upload,
+    list_lora_files,
+    list_model_folders,
+    open_image_upload,
+    resolve_lora_file,
+    resolve_model_folder,
+)
+from easyanimate.utils.video_io import save_video
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_model_folder(path: Path) -> Path:
+    """A folder that looks like a model folder to the listing (the stand-in pipeline reads nothing else)."""
+    path.mkdir(parents=True)
+    (path / "model_index.json").write_text("{}")
+    return path
+
+
+def write_test_video(path: Path, frames: int = 8, height: int = 64, width: int = 96) -> Path:
+    """A smooth moving-gradient clip (smooth so that mp4 compression keeps it close to the source)."""
+    t = torch.linspace(0, 1, frames)[:, None, None]
+    y = torch.linspace(0, 1, height)[None, :, None]
+    x = torch.linspace(0, 1, width)[None, None, :]
+    shape = (frames, height, width)
+    video = torch.stack([((x + t) % 1).expand(shape), y.expand(shape), (x * y + 0.5 * t).clamp(0, 1)])
+    return save_video(video, path, fps=8)
+
+
+def write_test_image(path: Path, height: int = 64, width: int = 96) -> Path:
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 128)], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+class StandInPipeline:
+    """Test double with the pipeline's interface: records what it was asked, sleeps ``delay`` per step, and
+    returns frames of the requested shape in random flat colours drawn from the given generator. ``peak`` counts
+    how many runs (of any instance) were ever sampling at the same time."""
+
+    running = 0
+    peak = 0
+    counter_lock = threading.Lock()
+
+    def __init__(self, folder: Path, delay: float = 0.0):
+        self.folder = folder
+        self.delay = delay
+        self.transformer = SimpleNamespace(config=SimpleNamespace(in_channels=12))
+        self.vae = SimpleNamespace(config=SimpleNamespace(latent_channels=4))
+        self.sampler = "Euler"
+        self.lora = None
+        self.calls = []
+
+    def set_sampler(self, name):
+        if name not in SAMPLERS:
+            raise ValueError(name)
+        self.sampler = name
+
+    def load_lora(self, path, strength):
+        self.lora = (Path(path), strength)
+
+    def unload_lora(self):
+        self.lora = None
+
+    def _sample(self, kwargs, frames):
+        self.calls.append({**kwargs, "lora": self.lora, "sampler": self.sampler})
+        with self.counter_lock:
+            StandInPipeline.running += 1
+            StandInPipeline.peak = max(StandInPipeline.peak, StandInPipeline.running)
+        try:
+            for step in range(kwargs["num_inference_steps"]):
+                time.sleep(self.delay)
+                kwargs["callback_on_step_end"](self, step, 1000 - step, {})
+        finally:
+            with self.counter_lock:
+                StandInPipeline.running -= 1
+        self.finished = time.monotonic()
+        colours = torch.rand((1, 3, frames, 1, 1), generator=kwargs["generator"])  # flat frames encode fast
+        return SimpleNamespace(videos=colours.expand(-1, -1, -1, kwargs["height"], kwargs["width"]))
+
+    def __call__(self, video_length, **kwargs):
+        if kwargs.get("prompt") == "fail":
+            raise RuntimeError("stand-in failure")
+        return self._sample(kwargs, video_length)
+
+    def generate_long_video(self, video_length, partial_video_length, overlap_video_length, **kwargs):
+        return self._sample(kwargs, video_length)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    models, loras, outside = tmp_path / "models", tmp_path / "loras", tmp_path / "outside"
+    make_model_folder(models / "model-a")
+    make_model_folder(models / "model-b")
+    make_model_folder(outside / "secret-model")
+    (models / "not-a-model").mkdir()
+    make_model_folder(models / ".hidden")
+    os.symlink(outside / "secret-model", models / "escape")  # a link that leaves the models folder
+    (loras / "styles").mkdir(parents=True)
+    (loras / "style.safetensors").write_bytes(b"x")
+    (loras / "styles" / "ink.safetensors").write_bytes(b"x")
+    (loras / "pickled.ckpt").write_bytes(b"x")
+    (outside / "evil.safetensors").write_bytes(b"x")
+    os.symlink(outside / "evil.safetensors", loras / "linked.safetensors")
+    return SimpleNamespace(models=models, loras=loras, outside=outside, out=tmp_path / "samples")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# safety layer
+
+
+def test_model_and_lora_choices_stay_inside_their_folders(folders):
+    assert list_model_folders(folders.models) == ["model-a", "model-b"]
+    assert list_lora_files(folders.loras) == ["style.safetensors", "styles/ink.safetensors"]
+    assert resolve_model_folder(folders.models, "model-a") == (folders.models / "model-a").resolve()
+    ink = folders.loras / "styles" / "ink.safetensors"
+    assert resolve_lora_file(folders.loras, "styles/ink.safetensors") == ink.resolve()
+    assert resolve_lora_file(folders.loras, "none") is None
+    bad_models = ["escape", "../outside/secret-model", str(folders.outside / "secret-model"), "not-a-model", "", None]
+    for name in bad_models:
+        with pytest.raises(RefusedError, match="model"):
+            resolve_model_folder(folders.models, name)
+    for name in ["linked.safetensors", "../outside/evil.safetensors", str(folders.outside / "evil.safetensors"),
+                 "pickled.ckpt", "styles/../../outside/evil.safetensors"]:
+        with pytest.raises(RefusedError, match="not one of the .safetensors files"):
+            resolve_lora_file(folders.loras, name)
+
+
+def test_uploads_are_checked_for_type_size_and_content(tmp_path):
+    limits = UploadLimits(max_bytes=200_000, max_side=256, max_video_frames=16)
+    image = write_test_image(tmp_path / "start.png")
+    assert open_image_upload(image, limits).size == (96, 64)
+    (tmp_path / "fake.png").write_bytes(b"not an image at all")
+    with pytest.raises(RefusedError, match="not a readable image"):
+        open_image_upload(tmp_path / "fake.png", limits)
+    with pytest.raises(RefusedError, match="must be one of"):
+        open_image_upload(tmp_path / "start.exe", limits)
+    write_test_image(tmp_path / "huge.png", height=300, width=40)
+    with pytest.raises(RefusedError, match="largest side"):
+        open_image_upload(tmp_path / "huge.png", limits)
+    (tmp_path / "big.png").write_bytes(b"\0" * 200_001)
+    with pytest.raises(RefusedError, match="MiB"):
+        open_image_upload(tmp_path / "big.png", limits)
+
+    video = write_test_video(tmp_path / "clip.mp4", frames=8)
+    assert check_video_upload(video, limits) == (8, 64, 96)
+    (tmp_path / "broken.mp4").write_bytes(b"\0" * 1000)
+    with pytest.raises(RefusedError, match="not a readable video"):
+        check_video_upload(tmp_path / "broken.mp4", limits)
+    long_clip = write_test_video(tmp_path / "long.mp4", frames=24)
+    with pytest.raises(RefusedError, match="24 frames"):
+        check_video_upload(long_clip, limits)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(width=100), "width must be between 64 and 2048 and a multiple of 16"),
+        (dict(frames=12), "frame count"),
+        (dict(frames=152), "frame count"),
+        (dict(sampler="Heun"), "unknown sampler"),
+        (dict(kind="Sound to Video"), "unknown generation kind"),
+        (dict(kind=IMAGE_TO_VIDEO), "needs a start image"),
+        (dict(kind=IMAGE_TO_VIDEO, end_image="end.png"), "needs a start image"),
+        (dict(kind=VIDEO_TO_VIDEO), "needs an input video"),
+        (dict(kind=VIDEO_TO_VIDEO, video="v.mp4", denoise_strength=1.5), "denoise strength"),
+        (dict(kind=LONG_VIDEO, frames=2000), "frame count"),
+        (dict(kind=LONG_VIDEO, overlap_frames=9), "overlap"),
+        (dict(start_image="start.png"), "takes no start or end image"),
+        (dict(kind=VIDEO_TO_VIDEO, video="v.mp4", end_image="end.png", start_image="s.png"), "takes no start"),
+        (dict(kind=LONG_VIDEO, video="v.mp4"), "takes no input video"),
+        (dict(resize_to_reference=True), "needs a start image or an input video"),
+        (dict(steps=0), "sampling steps"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_reason(change, message):
+    settings = GenerationSettings(model="m", width=64, height=64, frames=8, steps=2)
+    settings.check()  # the base settings are fine
+    with pytest.raises(RefusedError, match=message):
+        GenerationSettings(**{**vars(settings), **change}).check()
+
+
+def test_reference_size_picks_the_closest_bucket_floored_to_16():
+    # A 1080p frame (ratio 0.5625) falls in the 0.57 bucket; spec §2.1 lists it as [384, 672] at base 512.
+    assert reference_size(1080, 1920, 512) == tuple(ASPECT_RATIO_512[0.57]) == (384, 672)
+    # At base 768 each side is scaled by 1.5 and floored to 16: 576, 1008.
+    assert reference_size(1080, 1920, 768) == (576, 1008)
+    # Portrait 2:3 -> ratio 1.5 -> bucket 1.46 [608, 416]; at 960: 1140 -> 1136, 780 -> 768.
+    assert reference_size(900, 600, 960) == (1136, 768)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the studio: one generation at a time, results saved with their settings
+
+
+def make_studio(folders, delay=0.0):
+    loaded = []
+
+    def load(folder):
+        loaded.append(folder.name)
+        load_times.append(time.monotonic())
+        return StandInPipeline(folder, delay)
+
+    load_times = []
+    studio = Studio(folders.models, folders.loras, folders.out, load_pipeline=load)
+    studio.load_times = load_times
+    return studio, loaded
+
+
+def test_results_are_saved_with_their_settings(folders, tmp_path):
+    studio, loaded = make_studio(folders)
+    progress = []
+    result = studio.generate(
+        GenerationSettings(model="model-a", width=96, height=64, frames=8, steps=3, seed=-1, lora="style.safetensors",
+                           lora_strength=0.8),
+        on_step=lambda done, total: progress.append((done, total)),
+    )
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert result.path.parent == folders.out.resolve() and result.path.suffix == ".mp4"
+    saved = json.loads(result.settings_path.read_text())
+    assert saved == result.settings
+    assert saved["output"] == result.path.name and saved["lora"] == "style.safetensors"
+    assert 1 <= saved["seed"] <= 10**8  # -1 became a concrete, recorded seed
+    pipe = studio._pipe
+    assert pipe.calls[0]["lora"] == ((folders.loras / "style.safetensors").resolve(), 0.8)
+    assert pipe.lora is None  # unloaded after the generation
+
+    from easyanimate.utils.video_io import read_video
+
+    video = read_video(result.path)
+    assert video.shape == (3, 8, 64, 96)
+    # the same recorded seed reproduces the same frames
+    again = studio.generate(GenerationSettings(**{**vars(GenerationSettings(model="model-a")), **{
+        k: saved[k] for k in ("width", "height", "frames", "steps", "seed", "lora", "lora_strength")}}))
+    assert torch.equal(read_video(again.path), video)
+    assert again.path != result.path and loaded == ["model-a"]  # no reload for the same model
+
+    image = studio.generate(GenerationSettings(model="model-a", kind=TEXT_TO_IMAGE, width=64, height=64, steps=1))
+    assert image.is_image and image.path.suffix == ".png"
+    assert Image.open(image.path).size == (64, 64)
+    assert json.loads(image.settings_path.read_text())["frames"] == 1
+
+    with pytest.raises(RuntimeError, match="stand-in failure"):
+        studio.generate(GenerationSettings(model="model-a", prompt="fail", lora="style.safetensors", width=64,
+                                           height=64, frames=8, steps=1))
+    assert pipe.lora is None  # unloaded on failure too
+
+
+def test_inputs_reach_the_pipeline_for_each_kind(folders, tmp_path):
+    studio, _ = make_studio(folders)
+    start = write_test_image(tmp_path / "start.png", height=90, width=160)
+    clip = write_test_video(tmp_path / "clip.mp4", frames=16, height=64, width=96)
+    base = dict(model="model-a", width=64, height=64, frames=8, steps=2)
+
+    studio.generate(GenerationSettings(**base, kind=IMAGE_TO_VIDEO, start_image=str(start), end_image=str(start)))
+    call = studio._pipe.calls[-1]
+    assert call["image"].size == (160, 90) and call["end_image"].size == (160, 90)
+
+    result = studio.generate(GenerationSettings(**base, kind=VIDEO_TO_VIDEO, video=str(clip), denoise_strength=0.5))
+    call = studio._pipe.calls[-1]
+    assert call["video"].shape == (1, 3, 8, 64, 64) and call["strength"] == 0.5
+    assert result.settings["video"] == "clip.mp4"  # the upload's name, not a server path
+
+    # resize to the reference: a 16:9 image at base 512 -> bucket 0.57 -> 384 x 672
+    studio.generate(GenerationSettings(**base, kind=IMAGE_TO_VIDEO, start_image=str(start), resize_to_reference=True))
+    assert (studio._pipe.calls[-1]["height"], studio._pipe.calls[-1]["width"]) == (384, 672)
+
+    with pytest.raises(RefusedError, match="input video has 16 frames"):
+        studio.generate(GenerationSettings(**{**base, "frames": 24}, kind=VIDEO_TO_VIDEO, video=str(clip)))
+    with pytest.raises(RefusedError, match="not one of the model folders"):
+        studio.generate(GenerationSettings(**{**base, "model": "escape"}))
+
+
+def test_model_switch_waits_for_the_running_generation(folders):
+    studio, loaded = make_studio(folders, delay=0.05)
+    studio.load_model("model-a")
+    first_pipe = studio._pipe
+    events = []
+
+    def run():
+        result = studio.generate(GenerationSettings(model="model-a", width=64, height=64, frames=8, steps=10))
+        events.append(("generated", result.settings["model"]))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    while not first_pipe.calls:  # the generation has started sampling
+        time.sleep(0.005)
+    studio.load_model("model-b")  # blocks until the generation has finished sampling
+    worker.join()
+    assert events == [("generated", "model-a")]
+    assert studio.loaded_model == "model-b" and loaded == ["model-a", "model-b"]
+    assert studio.load_times[1] >= first_pipe.finished  # model-b was loaded only after model-a's run ended
+    assert len(first_pipe.calls) == 1 and studio._pipe is not first_pipe
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the served app, driven through gradio_client
+
+
+def test_command_line_defaults_are_local_and_safe():
+    from easyanimate.ui.app import parse_args
+
+    args = parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    assert (args.models_dir, args.output_dir) == ("models", "samples")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(studio: Studio, queue_size: int = 8):
+    from easyanimate.ui.app import launch
+
+    demo = launch(studio, host="127.0.0.1", port=free_port(), queue_size=queue_size, prevent_thread_lock=True)
+    return demo
+
+
+@pytest.fixture
+def stand_in_server(folders):
+    studio, _ = make_studio(folders, delay=0.02)
+    StandInPipeline.peak = 0
+    demo = serve(studio)
+    yield demo, studio
+    demo.close()
+
+
+def api_kwargs(**change):
+    settings = dict(
+        model="model-a", lora="none", lora_strength=0.55, prompt="a red ball", negative_prompt="", kind=TEXT_TO_VIDEO,
+        sampler="Euler", steps=2, width=64, height=64, frames=8, guidance_scale=6.0, seed=7,
+        resize_to_reference=False, base_resolution=512, start_image=None, end_image=None, video=None,
+        denoise_strength=0.7, partial_frames=8, overlap_frames=4,
+    )
+    settings.update(change)
+    return settings
+
+
+def test_server_refuses_paths_outside_the_allowed_folders_and_serves_concurrent_requests(stand_in_server, folders):
+    from gradio_client import Client
+
+    demo, studio = stand_in_server
+    assert demo.local_url.startswith("http://127.0.0.1:")
+    client = Client(demo.local_url, verbose=False)
+    for change in [dict(model="escape"), dict(model="../outside/secret-model"),
+                   dict(model=str(folders.outside / "secret-model")), dict(lora="../outside/evil.safetensors"),
+                   dict(lora="linked.safetensors")]:
+        with pytest.raises(Exception, match="not one of the"):
+            client.predict(**api_kwargs(**change), api_name="/generate")
+    with pytest.raises(Exception, match="not one of the model folders"):
+        client.predict("../outside/secret-model", api_name="/load_model")
+
+    # the reference-resize switch and its base resolution arrive intact through the API
+    from gradio_client import handle_file
+
+    start = write_test_image(folders.outside / "start.png", height=90, width=160)
+    _, _, settings, _ = client.predict(**api_kwargs(kind=IMAGE_TO_VIDEO, start_image=handle_file(str(start)),
+                                                    resize_to_reference=True, base_resolution=768, frames=8),
+                                       api_name="/generate")
+    assert (settings["height"], settings["width"]) == reference_size(90, 160, 768) == (576, 1008)
+
+    jobs = [client.submit(**api_kwargs(seed=seed, model=f"model-{'ab'[seed % 2]}"), api_name="/generate")
+            for seed in range(4)]
+    results = [job.result(timeout=120) for job in jobs]
+    assert sorted(r[2]["seed"] for r in results) == [0, 1, 2, 3]
+    assert len({r[2]["output"] for r in results}) == 4
+    assert len(list(studio.output.root.glob("*.mp4"))) == 5
+    assert StandInPipeline.peak == 1  # never two generations at once
+
+
+def test_server_reports_progress_and_bounds_its_queue(folders):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    studio, _ = make_studio(folders, delay=0.1)
+    demo = serve(studio, queue_size=1)
+    try:
+        client = Client(demo.local_url, verbose=False)
+
+        def wait_for(job, condition, what):
+            deadline = time.monotonic() + 60
+            while not condition(job.status()):
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.02)
+
+        def sampling(status):
+            return bool(status.progress_data) and status.progress_data[0].desc == "Sampling"
+
+        running = client.submit(**api_kwargs(seed=0, steps=20), api_name="/generate")
+        wait_for(running, sampling, "the first request to start sampling")
+        waiting = client.submit(**api_kwargs(seed=1, steps=1), api_name="/generate")
+        wait_for(waiting, lambda status: status.code == Status.IN_QUEUE, "the second request to queue")
+        # the running request is out of the queue; the waiting one fills its single slot: the rest are turned away
+        for seed in (2, 3):
+            with pytest.raises(Exception, match="Queue is full"):
+                client.predict(**api_kwargs(seed=seed), api_name="/generate")
+
+        progress = []
+        while not running.done():
+            status = running.status()
+            if sampling(status):
+                progress.append((status.progress_data[0].index, status.progress_data[0].length))
+            time.sleep(0.02)
+        assert running.result(timeout=60)[2]["seed"] == 0 and waiting.result(timeout=60)[2]["seed"] == 1
+        steps = [index for index, length in progress if length == 20]
+        assert len(steps) == len(progress) and len(set(steps)) > 3 and steps == sorted(steps)  # a moving bar
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_dir, tmp_path_factory):
+    """The real app on a free local port, serving a copy of the tiny model folder and one LoRA file for it."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ui")
+    shutil.copytree(tiny_model_dir, root / "models" / "tiny")
+    (root / "loras").mkdir()
+    generator = torch.Generator().manual_seed(0)  # a rank-2 LoRA on the output projection, original key format
+    save_file(
+        {
+            "lora_unet__proj_out.lora_down.weight": torch.randn(2, 32, generator=generator),
+            "lora_unet__proj_out.lora_up.weight": torch.randn(32, 2, generator=generator),
+            "lora_unet__proj_out.alpha": torch.tensor(2.0),
+        },
+        root / "loras" / "style.safetensors",
+    )
+    studio = Studio(root / "models", root / "loras", root / "samples")
+    demo = serve(studio)
+    yield SimpleNamespace(url=demo.local_url, studio=studio, root=root)
+    demo.close()
+
+
+def test_tiny_model_every_kind_through_the_api(tiny_server):
+    from gradio_client import Client, handle_file
+
+    from easyanimate.utils.video_io import read_video
+
+    root = tiny_server.root
+    client = Client(tiny_server.url, verbose=False)
+    start = write_test_image(root / "start.png", height=64, width=96)
+    end = write_test_image(root / "end.png", height=96, width=64)
+    clip = write_test_video(root / "clip.mp4", frames=16, height=64, width=96)
+    cases = {
+        TEXT_TO_VIDEO: dict(height=64, width=96),
+        IMAGE_TO_VIDEO: dict(start_image=handle_file(str(start)), end_image=handle_file(str(end)), height=64,
+                             width=64, frames=16),
+        VIDEO_TO_VIDEO: dict(video=handle_file(str(clip)), height=64, width=96, denoise_strength=0.5,
+                             steps=4),
+        LONG_VIDEO: dict(start_image=handle_file(str(start)), height=64, width=64, frames=24, partial_frames=16,
+                         overlap_frames=4),
+    }
+    for kind, change in cases.items():
+        video, image, settings, status = client.predict(**api_kwargs(model="tiny", kind=kind, **change),
+                                                        api_name="/generate")
+        frames = read_video(video)
+        assert image is None and settings["kind"] == kind and "Saved" in status
+        assert frames.shape == (3, settings["frames"], change["height"], change["width"]), kind
+        saved = tiny_server.studio.output.root / settings["output"]
+        assert torch.equal(read_video(saved), frames)  # what the client got is the saved file
+
+    video, image, settings, _ = client.predict(**api_kwargs(model="tiny", kind=TEXT_TO_IMAGE, height=64, width=96),
+                                               api_name="/generate")
+    assert video is None and Image.open(image).size == (96, 64) and settings["frames"] == 1
+
+
+def test_tiny_model_lora_is_applied_and_removed(tiny_server):
+    from gradio_client import Client
+
+    from easyanimate.utils.video_io import read_video
+
+    client = Client(tiny_server.url, verbose=False)
+    outputs = []
+    for lora in ["none", "style.safetensors", "none"]:
+        video, *_ = client.predict(**api_kwargs(model="tiny", lora=lora, lora_strength=1.0, height=64, width=64),
+                                   api_name="/generate")
+        outputs.append(read_video(video))
+    assert (outputs[0] - outputs[1]).abs().max() > 0.05  # the LoRA changed the result
+    assert torch.equal(outputs[0], outputs[2])  # and was removed afterwards

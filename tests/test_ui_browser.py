@@ -1,0 +1,69 @@
+"""The web page in a real headless Chromium: type a prompt, set a small size, click Generate, see the video.
+
+Needs the ``playwright`` package and Debian's ``chromium`` at /usr/bin/chromium (``playwright install`` downloads
+are not used); skipped with the reason when either is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+
+from easyanimate.ui.app import launch
+from easyanimate.ui.generation import Studio
+
+CHROMIUM = os.environ.get("EASYANIMATE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not os.path.isfile(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set EASYANIMATE_CHROMIUM)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_page_generates_a_video_when_generate_is_clicked(browser, tiny_model_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    studio = Studio(tmp_path / "models", tmp_path / "loras", tmp_path / "samples")
+    demo = launch(studio, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
+    try:
+        page = browser.new_page()
+        page.goto(demo.local_url)
+        expect(page.locator("#generate")).to_be_visible(timeout=30_000)
+        page.locator("#prompt textarea").fill("a red ball rolls across a wooden table")
+        for slider, value in [("#width", "96"), ("#height", "64"), ("#frames", "8"), ("#steps", "2")]:
+            box = page.locator(f"{slider} input[type=number]")
+            box.fill(value)
+            box.press("Enter")
+        page.locator("#generate").click()
+        video = page.locator("#result-video video")
+        expect(video).to_be_visible(timeout=120_000)
+        assert video.get_attribute("src").endswith(".mp4")
+
+        (settings_file,) = studio.output.root.glob("*.json")
+        settings = json.loads(settings_file.read_text())
+        assert settings["prompt"] == "a red ball rolls across a wooden table"
+        assert (settings["width"], settings["height"], settings["frames"], settings["steps"]) == (96, 64, 8, 2)
+        assert (studio.output.root / settings["output"]).is_file()
+    finally:
+        demo.close()
