@@ -4,7 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from easyanimate.utils.weights import CheckpointError, load_state_dict_strict, read_weights_file
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from easyanimate.utils.weights import CheckpointError, load_model_from_folder, load_state_dict_strict, read_weights_file
 
 
 class Tiny(torch.nn.Module):
@@ -55,3 +58,30 @@ def test_bin_files_never_unpickle_code(tmp_path):
     torch.save({"x": Evil()}, str(path))
     with pytest.raises(CheckpointError, match="refusing to load"):
         read_weights_file(path)
+
+
+class TinyModel(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width)
+        self.register_buffer("table", torch.arange(float(width)), persistent=False)
+
+
+def test_folder_load_casts_half_precision_files_and_builds_no_random_init(tmp_path, monkeypatch):
+    model = TinyModel(width=4)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in model.state_dict().items()}, str(weights))  # fp16 on disk
+
+    loaded = load_model_from_folder(TinyModel, tmp_path)
+    assert loaded.proj.weight.dtype == torch.float32 and loaded.table.dtype == torch.float32
+    assert torch.equal(loaded.proj.weight, model.proj.weight.half().float())
+    assert torch.equal(loaded.table, torch.arange(4.0))  # non-persistent buffers are built for real
+
+    as_bf16 = load_model_from_folder(TinyModel, tmp_path, torch_dtype=torch.bfloat16)
+    assert as_bf16.proj.weight.dtype == torch.bfloat16 and as_bf16.table.dtype == torch.bfloat16
+
+    save_file({"proj.weight": model.proj.weight}, str(weights))
+    with pytest.raises(CheckpointError, match="proj.bias"):
+        load_model_from_folder(TinyModel, tmp_path)

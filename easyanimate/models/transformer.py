@@ -15,11 +15,9 @@ Module names are the released checkpoint's key names (also what LoRA files addre
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +35,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous, FP32LayerNorm
 from diffusers.models.transformers.hunyuan_transformer_2d import AdaLayerNormShift
 from torch import nn
 
-from ..utils.weights import CheckpointError, load_model_from_folder, load_state_dict_strict, read_folder_weights
+from ..utils.weights import load_model_from_folder
 from .rope import rope_for_latent_grid
 
 logger = logging.getLogger(__name__)
@@ -569,27 +567,21 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
         What was changed is logged as a warning and stored in ``model.channel_adaptation``
         (:class:`ChannelAdaptation`).
         """
-        if not adapt_channels:
-            return load_model_from_folder(
-                cls, path, subfolder, torch_dtype=torch_dtype, config_overrides=config_overrides
-            )
-        folder = Path(path) / subfolder if subfolder else Path(path)
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{cls.__name__}: no config.json in {folder}")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
-        config.update(config_overrides)
-        model = cls.from_config(config)
-        state_dict, report = adapt_checkpoint_channels(model, read_folder_weights(folder))
-        load_state_dict_strict(model, state_dict, source=str(folder))
-        logger.warning("%s: adapted checkpoint %s to the model:\n%s", cls.__name__, folder, report.summary())
-        model.channel_adaptation = report
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return model.eval()
+        reports = []
+
+        def adapt(model, state_dict):
+            state_dict, report = adapt_checkpoint_channels(model, state_dict)
+            reports.append(report)
+            return state_dict
+
+        model = load_model_from_folder(
+            cls, path, subfolder, torch_dtype=torch_dtype, config_overrides=config_overrides,
+            adapt=adapt if adapt_channels else None,
+        )
+        if adapt_channels:
+            logger.warning("%s: adapted checkpoint %s to the model:\n%s", cls.__name__, path, reports[0].summary())
+            model.channel_adaptation = reports[0]
+        return model
 
 
 def _is_init_only_key(key: str) -> bool:

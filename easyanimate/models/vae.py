@@ -19,7 +19,6 @@ implemented (its decoder gives each chunk's first stage one neighbouring chunk o
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
-from ..utils.weights import load_model_from_folder
+from ..utils.weights import load_model_from_folder, read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -549,16 +548,11 @@ class AutoencoderKLMagvit(ModelMixin, ConfigMixin):
         such a file; a warning names them. ``config_overrides`` win over both.
         """
         folder = Path(path) / subfolder if subfolder else Path(path)
-        overrides = {}
-        try:
-            present = json.loads((folder / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            present = None  # load_model_from_folder reports the problem
-        if isinstance(present, dict):
-            overrides = {k: v for k, v in ORIGINAL_CLASS_DEFAULTS.items() if k not in present}
-            if overrides:
-                logger.warning("%s/config.json has no %s; using the original's class defaults %s",
-                               folder, sorted(overrides), overrides)
+        present = read_model_config(cls, folder)
+        overrides = {k: v for k, v in ORIGINAL_CLASS_DEFAULTS.items() if k not in present}
+        if overrides:
+            logger.warning("%s/config.json has no %s; using the original's class defaults %s",
+                           folder, sorted(overrides), overrides)
         overrides.update(config_overrides)
         return load_model_from_folder(cls, path, subfolder, torch_dtype=torch_dtype, config_overrides=overrides,
                                       ignore_prefixes=("loss.",))

@@ -12,11 +12,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import pickle
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -100,10 +101,12 @@ def load_state_dict_strict(
     *,
     source: str = "checkpoint",
     ignore_prefixes: tuple[str, ...] = (),
+    assign: bool = False,
 ) -> None:
     """Copy ``state_dict`` into ``model``; raise :class:`CheckpointError` on any missing, unexpected or
     wrongly-shaped key. Keys starting with one of ``ignore_prefixes`` (training-only extras such as a VAE's
-    ``loss.*`` modules) are dropped with a single notice line."""
+    ``loss.*`` modules) are dropped with a single notice line. ``assign=True`` makes the checkpoint tensors the
+    parameters (for models built on the meta device)."""
     ignored = [k for k in state_dict if ignore_prefixes and k.startswith(ignore_prefixes)]
     if ignored:
         logger.info("%s: ignoring %d training-only keys (%s...)", source, len(ignored), ignored[0])
@@ -128,7 +131,20 @@ def load_state_dict_strict(
             f"{source} does not match {type(model).__name__} "
             f"(is the config.json the one that belongs to these weights?):\n  " + "\n  ".join(problems)
         )
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def read_model_config(cls, folder: str | os.PathLike, overrides: Mapping | None = None) -> dict:
+    """``folder/config.json`` with ``overrides`` on top; a missing or malformed file is a clear error."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{cls.__name__}: no config.json in {folder}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
+    config.update(overrides or {})
+    return config
 
 
 def load_model_from_folder(
@@ -139,23 +155,33 @@ def load_model_from_folder(
     torch_dtype: torch.dtype | None = None,
     config_overrides: Mapping | None = None,
     ignore_prefixes: tuple[str, ...] = (),
+    adapt: Callable | None = None,
 ):
     """Build ``cls`` (a diffusers ``ModelMixin`` + ``ConfigMixin``) from ``folder/config.json`` with
-    ``config_overrides`` on top, and load the folder's weights strictly.
+    ``config_overrides`` on top, and load the folder's weights strictly, in ``torch_dtype`` (default float32,
+    whatever the precision on disk).
 
     Unknown config keys (``_class_name``, ``block_out_channels``, ...) are tolerated: ``from_config`` drops them.
+    Parameters are created on the meta device and the checkpoint tensors are assigned in place, so loading needs
+    about one copy of the weights in memory, not two (random init of a 2B model alone would take 8 GB).
+    ``adapt(model, state_dict) -> state_dict`` fits a checkpoint to the model first; the model is then built with
+    real init, because what the checkpoint does not cover keeps its init.
     """
     folder = Path(path) / subfolder if subfolder else Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{cls.__name__}: no config.json in {folder}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
-    config.update(config_overrides or {})
-    model = cls.from_config(config)
-    load_state_dict_strict(model, read_folder_weights(folder), source=str(folder), ignore_prefixes=ignore_prefixes)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+    config = read_model_config(cls, folder, config_overrides)
+    state_dict = read_folder_weights(folder)
+    if adapt is None:
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(config)
+    else:
+        model = cls.from_config(config)
+        state_dict = adapt(model, state_dict)
+    dtype = torch_dtype or torch.float32
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    load_state_dict_strict(
+        model, state_dict, source=str(folder), ignore_prefixes=ignore_prefixes, assign=adapt is None
+    )
+    # nn.Module.to: buffers outside the state dict follow the dtype too. (diffusers' ModelMixin.to would log a
+    # "keep in float32" warning on every cast.)
+    torch.nn.Module.to(model, dtype)
     return model.eval()
