@@ -75,3 +75,17 @@ def test_resume_continues_exactly(tmp_path):
     assert state == {"step": 1, "epoch": 0}
     resumed = [_step(model2, opt2) for _ in range(3)]
     assert resumed == uninterrupted
+
+
+def test_resume_refuses_pickles_that_carry_code(tmp_path):
+    acc, model, opt = _setup()
+    path = save_checkpoint(acc, tmp_path, 1)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, str(path / "custom_checkpoint_0.pkl"))
+    acc2, _, _ = _setup()
+    with pytest.raises(ValueError, match="custom_checkpoint_0.pkl"):
+        load_checkpoint(acc2, path)

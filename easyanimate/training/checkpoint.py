@@ -110,10 +110,36 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
-    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (``step`` and the extras)."""
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (``step`` and the extras).
+
+    accelerate unpickles its ``.pkl``/``.bin`` files with ``weights_only=False``, which would run any code a
+    tampered checkpoint carries. So every pickle in the folder is first read with ``weights_only=True`` (plus the
+    numpy array types RNG states need), and a file holding anything else is refused before accelerate opens it.
+    """
     path = Path(path)
+    verify_pickles_hold_only_data(path)
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def verify_pickles_hold_only_data(folder: Path) -> None:
+    """Raise ``ValueError`` naming the first pickle file under ``folder`` that holds more than tensors, plain
+    containers, numbers, strings and numpy arrays."""
+    import numpy as np
+    import torch
+
+    data_types = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    for file in sorted(folder.rglob("*")):
+        if not file.is_file() or file.suffix not in (".pkl", ".bin", ".pt", ".pth"):
+            continue
+        try:
+            with torch.serialization.safe_globals(data_types):
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means we cannot vouch for the file
+            raise ValueError(
+                f"refusing to resume from {folder}: {file.name} holds pickled objects other than plain data "
+                f"({str(exc).splitlines()[-1][:200]}). Resume only from checkpoints this project wrote."
+            ) from exc
 
 
 def _fsync_dir(path: Path) -> None:
