@@ -21,7 +21,7 @@ from easyanimate.utils.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaErro
 SAMPLER_NAMES = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")
 MEMORY_MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_MODEL = "models/EasyAnimateV4-XL-2-InP"
+DEFAULT_MODEL = "models/EasyAnimateV4-demo"  # the small shipped demo (scripts/train_demo.sh); pass the released folder for V4
 DEFAULT_NEGATIVE = "Low quality, blurry, deformed video, distortion, bad hands, strange motion."
 SIZE_MULTIPLE = 16  # the transformer's patch (2) times the VAE's downsampling (8)
 FRAME_MULTIPLE = 8  # the VAE's temporal chunk (mini_batch_encoder)

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 # Model switches and generations share one queue slot: neither can start while the other runs.
 MODEL_SLOT = "model"
+DEFAULT_MODEL_NAME = "EasyAnimateV4-demo"  # preselected when present: the small shipped demo runs on a CPU
 
 
 def _refusal(exc: Exception) -> gr.Error:
@@ -146,7 +147,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.Markdown("# EasyAnimate V4\nText, image and video to video. One generation runs at a time.")
         with gr.Row():
             model = gr.Dropdown(
-                models, value=models[0] if models else None, label="Model folder",
+                models, value=DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in models else (models[0] if models else None),
+                label="Model folder",
                 info=f"folders under {studio.models_dir}", allow_custom_value=True, scale=3,
             )
             lora = gr.Dropdown(

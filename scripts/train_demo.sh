@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Reproduce the shipped demo model (models/EasyAnimateV4-demo) from scratch with this project's own scripts, on a
+# CPU: the synthetic bilingual shapes dataset, a base folder (text encoders + tokenizers from the tiny-model
+# builder, frozen), train_vae.py, then train.py through three token-length stages in inpaint mode (the V4 stages
+# 256/512/768 tokens x 144 frames, scaled down to 48/64/80 x 16 frames), and the fp16 model folder.
+#
+#   bash scripts/train_demo.sh [WORK_DIR]            # default WORK_DIR: output_dir/demo
+#   SMOKE=1 bash scripts/train_demo.sh WORK_DIR      # a few steps per stage on a small dataset (CI)
+#
+# Measured on 2 shared CPU cores (one thread per process, the other core busy with other work): about 55 min in
+# all: data 2 min; VAE 2000 image steps (6 min) + 2400 clip/image steps (10 min); transformer stages 500 + 600 + 900
+# steps of batch 16 (7 + 11 + 17 min).
+# Re-running resumes every stage from its newest checkpoint. The result is WORK_DIR/EasyAnimateV4-demo; copy it
+# to models/ (DEST=models/EasyAnimateV4-demo writes it there directly).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mkdir -p "${1:-${REPO}/output_dir/demo}" && cd "${1:-${REPO}/output_dir/demo}" && pwd)
+PYTHON=${PYTHON:-python}
+DEST=${DEST:-${WORK}/EasyAnimateV4-demo}
+export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
+# One thread per process: on a shared or busy CPU, PyTorch's default of one thread per core makes every parallel
+# region wait for descheduled threads (measured: 15 s instead of 0.35 s per VAE step with one core busy).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+if [ "${SMOKE:-0}" = "1" ]; then
+  DATA_ARGS=(--videos-per-combination 1 --images-per-combination 1 --vae-images-per-combination 1 --max-combinations 4)
+  VAE_ARGS=(--max_train_steps 2 --batch_size 1 --checkpointing_steps 2 --num_workers 0)
+  STEPS=(2 2 2); BATCH=2; WARMUP=0; WORKERS=0; CKPT=2
+else
+  DATA_ARGS=(--videos-per-combination 16 --images-per-combination 8 --vae-images-per-combination 100)
+  VAE_ARGS=()
+  STEPS=(${STAGE1_STEPS:-500} ${STAGE2_STEPS:-600} ${STAGE3_STEPS:-900}); BATCH=16; WARMUP=100; WORKERS=1; CKPT=100
+fi
+
+step() { echo "=== $(date -u +%H:%M:%S) $*" >&2; }
+
+# 1. data
+if [ ! -f "${WORK}/data/metadata.json" ]; then
+  step "dataset"
+  "${PYTHON}" "${REPO}/scripts/make_demo_dataset.py" "${WORK}/data" "${DATA_ARGS[@]}"
+fi
+META="${WORK}/data/metadata.json"
+
+# 2. base model: tiny-model text encoders, tokenizers, CLIP, scheduler; demo transformer + VAE architectures
+if [ ! -f "${WORK}/base/model_index.json" ]; then
+  step "base model"
+  "${PYTHON}" -m easyanimate.demo.build base "${WORK}/base"
+fi
+
+# 3. VAE from scratch (L1 + L2 + KL; no LPIPS / GAN): still images first (colour and shape; cheap steps), then
+#    clips and images together (motion, the causal temporal layers)
+if [ ! -f "${WORK}/vae_images/vae/config.json" ]; then
+  step "train_vae.py phase 1: still images"
+  "${PYTHON}" "${REPO}/train_vae.py" --config "${REPO}/configs/demo_vae_images.yaml" \
+    --vae_config "${WORK}/base/vae/config.json" --train_data_meta "${WORK}/data/metadata_vae_images.json" \
+    --train_data_dir "${WORK}/data" --output_dir "${WORK}/vae_images" "${VAE_ARGS[@]}"
+fi
+if [ ! -f "${WORK}/vae/vae/config.json" ]; then
+  step "train_vae.py phase 2: clips and images"
+  "${PYTHON}" "${REPO}/train_vae.py" --config "${REPO}/configs/demo_vae.yaml" \
+    --pretrained_vae "${WORK}/vae_images/vae" --train_data_meta "${WORK}/data/metadata_vae.json" \
+    --train_data_dir "${WORK}/data" --output_dir "${WORK}/vae" "${VAE_ARGS[@]}"
+fi
+step "VAE into the model folder"
+"${PYTHON}" -m easyanimate.demo.build set-vae "${WORK}/base" "${WORK}/vae/vae" "${META}"
+
+# 4. transformer: three token-length stages (scripts/train_stageN.sh with demo sizes), inpaint mode
+export MODEL_NAME="${WORK}/base" DATASET_NAME="${WORK}/data" DATASET_META_NAME="${META}"
+export NUM_GPUS=1 USE_DEEPSPEED=0 MIXED_PRECISION=no TRAIN_BATCH_SIZE=${BATCH} GLOBAL_BATCH=${BATCH}
+export VIDEO_SAMPLE_N_FRAMES=16 VIDEO_SAMPLE_STRIDE=1 DATALOADER_NUM_WORKERS=${WORKERS}
+export LEARNING_RATE=${LEARNING_RATE:-5e-4} MAX_GRAD_NORM=1.0 ADAM_WEIGHT_DECAY=1e-2 ADAM_EPSILON=1e-8
+export CHECKPOINTING_STEPS=${CKPT} CHECKPOINTS_TOTAL_LIMIT=2 TRAIN_MODE=inpaint
+# empty captions 10 % of the time, so classifier-free guidance has a trained unconditional prediction
+EXTRA=(--no-gradient_checkpointing --precompute_text_embeddings --vae_mini_batch 8 --report_to none
+       --text_drop_ratio 0.1)
+TOKENS=(48 64 80); VIDEO_SIZES=(48 64 64); IMAGE_SIZE=80
+previous=""
+for i in 0 1 2; do
+  stage=$((i + 1))
+  out="${WORK}/stage${stage}"
+  step "train.py stage ${stage}: token size ${TOKENS[$i]}, ${STEPS[$i]} steps"
+  schedule=constant_with_warmup
+  [ "${stage}" = "3" ] && schedule=cosine
+  OUTPUT_DIR="${out}" TOKEN_SAMPLE_SIZE=${TOKENS[$i]} VIDEO_SAMPLE_SIZE=${VIDEO_SIZES[$i]} \
+  IMAGE_SAMPLE_SIZE=${IMAGE_SIZE} MAX_TRAIN_STEPS=${STEPS[$i]} LR_SCHEDULER=${schedule} LR_WARMUP_STEPS=${WARMUP} \
+  TRANSFORMER_PATH="${previous}" \
+    bash "${REPO}/scripts/train_stage${stage}.sh" "${EXTRA[@]}"
+  previous="${out}/checkpoint-${STEPS[$i]}/transformer"
+done
+
+# 5. the shipped folder: fp16 transformer + VAE, everything else from the base folder
+step "model folder ${DEST}"
+"${PYTHON}" -m easyanimate.demo.build ship "${WORK}/base" "${previous}" "${DEST}"
+step "done"
