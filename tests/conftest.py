@@ -12,6 +12,16 @@ KEYS = SHARED / "reference" / "keys"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests on one torch thread: tiny convolutions on the shared 2-core machine are several
+    times faster without oversubscription (use with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     """The golden vectors produced by the original implementation (../shared/reference/golden)."""

@@ -26,13 +26,7 @@ from easyanimate.utils.weights import CheckpointError
 TINY_VGG = (4, 8, 8, 16, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small convolutions on a shared 2-core machine run much faster on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_lpips(seed: int = 0) -> LPIPS:

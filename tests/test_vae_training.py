@@ -18,13 +18,7 @@ from easyanimate.training.vae_trainer import VAETrainConfig, load_config, train
 SIZE, FRAMES = 32, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model on a shared 2-core machine: one thread avoids oversubscription (10x faster here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from ..utils.atomic import building_directory
 from ..utils.tiny_model import TRANSFORMER_CONFIG, VAE_CONFIG, build_tiny_model
 from ..utils.weights import read_folder_weights
 
@@ -118,9 +118,7 @@ def ship(model_dir: str | os.PathLike, transformer_dir: str | os.PathLike, dest:
     fp16 (the loaders give fp32 on the CPU). Written next to ``dest`` and renamed, replacing an existing ``dest``
     (its README.md, the model card, is kept)."""
     model_dir, transformer_dir, dest = Path(model_dir), Path(transformer_dir), Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
+    with building_directory(dest) as work:
         shutil.rmtree(work)
         shutil.copytree(model_dir, work)
         for name, source in (("transformer", transformer_dir), ("vae", model_dir / "vae")):
@@ -132,12 +130,6 @@ def ship(model_dir: str | os.PathLike, transformer_dir: str | os.PathLike, dest:
             _save_half(state, work / name / WEIGHTS)
         if (dest / "README.md").is_file():  # the model card (measured results) stays with the folder
             shutil.copy2(dest / "README.md", work / "README.md")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(work, dest)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return dest
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..utils.atomic import building_directory
 from .shapes import (
     COLORS, FILE_FRAMES, HELD_OUT, LANGUAGES, SHAPES, SIZES, caption, random_clip, render_clip, render_image,
     training_combinations,
@@ -54,12 +53,9 @@ def make_dataset(out_dir: str | os.PathLike, videos_per_combination: int = 6, im
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose another folder or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    os.chmod(work, 0o755)
     rng = np.random.default_rng(seed)
     rows = []
-    try:
+    with building_directory(out_dir) as work:
         (work / "videos").mkdir()
         (work / "images").mkdir()
         combos = training_combinations()
@@ -107,10 +103,4 @@ def make_dataset(out_dir: str | os.PathLike, videos_per_combination: int = 6, im
         (work / VAE_METADATA_NAME).write_text(json.dumps(vae_rows, ensure_ascii=False, indent=1) + "\n",
                                               encoding="utf-8")
         (work / "held_out.json").write_text(json.dumps([list(c) for c in HELD_OUT]) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out_dir / METADATA_NAME

@@ -16,12 +16,12 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .atomic import building_directory
 
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_corpus.txt"
 
@@ -460,12 +460,9 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bo
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose another folder or pass overwrite=True (--overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     corpus = read_corpus()
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    os.chmod(work, 0o755)  # mkdtemp makes it private
-    try:
+    with building_directory(out_dir) as work:
         vocab = build_bert_vocab(corpus)
         write_bert_tokenizer(work / "tokenizer", vocab)
         spiece = train_sentencepiece(corpus)
@@ -481,13 +478,6 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bo
         write_transformer(work / "transformer", seed)
         write_vae(work / "vae", seed)
         _write_json(work / "model_index.json", MODEL_INDEX)
-
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -1,0 +1,28 @@
+"""Writing folders so that an interrupted write never leaves one that looks complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def building_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden sibling of ``out_dir`` to fill. When the block finishes it replaces ``out_dir`` (an
+    existing one is removed first); when it raises, the partial folder is deleted and ``out_dir`` is untouched."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    os.chmod(work, 0o755)  # mkdtemp makes it private
+    try:
+        yield work
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
