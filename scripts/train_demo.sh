@@ -29,7 +29,7 @@ if [ "${SMOKE:-0}" = "1" ]; then
 else
   DATA_ARGS=(--videos-per-combination 16 --images-per-combination 8 --vae-images-per-combination 100)
   VAE_ARGS=()
-  STEPS=(${STAGE1_STEPS:-500} ${STAGE2_STEPS:-600} ${STAGE3_STEPS:-900}); BATCH=16; WARMUP=100; WORKERS=1; CKPT=100
+  STEPS=(${STAGE1_STEPS:-1000} ${STAGE2_STEPS:-1500} ${STAGE3_STEPS:-3000}); BATCH=16; WARMUP=100; WORKERS=1; CKPT=100
 fi
 
 step() { echo "=== $(date -u +%H:%M:%S) $*" >&2; }
@@ -70,9 +70,11 @@ export NUM_GPUS=1 USE_DEEPSPEED=0 MIXED_PRECISION=no TRAIN_BATCH_SIZE=${BATCH} G
 export VIDEO_SAMPLE_N_FRAMES=16 VIDEO_SAMPLE_STRIDE=1 DATALOADER_NUM_WORKERS=${WORKERS}
 export LEARNING_RATE=${LEARNING_RATE:-5e-4} MAX_GRAD_NORM=1.0 ADAM_WEIGHT_DECAY=1e-2 ADAM_EPSILON=1e-8
 export CHECKPOINTING_STEPS=${CKPT} CHECKPOINTS_TOTAL_LIMIT=2 TRAIN_MODE=inpaint
-# empty captions 10 % of the time, so classifier-free guidance has a trained unconditional prediction
+# empty captions 10 % of the time, so classifier-free guidance has a trained unconditional prediction; half of the
+# clips get the full mask (text-to-video; V4 uses 30 %) and 35 % keep their first frames (image-to-video), because
+# at this scale colour and shape are learnt from the text only on text-to-video samples
 EXTRA=(--no-gradient_checkpointing --precompute_text_embeddings --vae_mini_batch 8 --report_to none
-       --text_drop_ratio 0.1)
+       --text_drop_ratio 0.1 --video_mask_probs 0.05 0.5 0.35 0.05 0.05)
 TOKENS=(48 64 80); VIDEO_SIZES=(48 64 64); IMAGE_SIZE=80
 previous=""
 for i in 0 1 2; do

@@ -57,3 +57,19 @@ def test_mask_type_frequencies_match_v4():
 def test_unknown_mask_type_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown mask type"):
         make_mask(7, 4, 8, 8, np.random.default_rng(0))
+
+
+def test_video_mask_probabilities_are_configurable_and_checked():
+    from easyanimate.data.masks import check_mask_probs
+    from easyanimate.training.config import parse_args
+
+    rng = np.random.default_rng(1)
+    only_full = (0.0, 1.0, 0.0, 0.0, 0.0)
+    assert all(bool(random_mask(16, 8, 8, rng, only_full).all()) for _ in range(50))
+    cfg = parse_args(["--pretrained_model_name_or_path", "m", "--train_data_meta", "d",
+                      "--video_mask_probs", "0.1", "0.6", "0.2", "0.05", "0.05"])
+    assert cfg.data_config().video_mask_probs == (0.1, 0.6, 0.2, 0.05, 0.05)
+    with pytest.raises(ValueError, match="summing to 1"):
+        check_mask_probs((0.5, 0.5, 0.5, 0.0, 0.0))
+    with pytest.raises(ValueError, match="5 non-negative"):
+        check_mask_probs((0.5, 0.5))

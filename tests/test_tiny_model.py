@@ -130,6 +130,9 @@ def test_tokenizers_cover_demo_captions(tiny_model_dir):
     # BERT splits Chinese into characters; unseen English words fall back to letter pieces, never [UNK]
     assert bert_tok.tokenize("一个红色") == ["一", "个", "红", "色"]
     assert bert_tok.unk_token_id not in bert_tok("Zyxquv").input_ids
+    # mT5 keeps colour, shape and motion apart in Chinese, so held-out pairings reuse the pieces of training ones
+    assert t5_tok.tokenize("一个红色的正方形向左移动") == ["▁", "一个", "红色", "的", "正方形", "向左", "移动"]
+    assert t5_tok.tokenize("蓝色的三角形静止不动") == ["▁", "蓝色", "的", "三角形", "静止", "不动"]
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(tiny_model_dir, tmp_path):

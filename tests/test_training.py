@@ -233,6 +233,35 @@ def _fixed_batch_loss(model_dir, transformer_folder, data):
                                     "cpu", torch.float32))
 
 
+def test_batch_loss_is_the_mean_of_per_sample_losses(tiny_model_dir, data):
+    """Samples trained as text-to-video skip the inpaint VAE encodes; the batch must still see exactly the
+    conditions each sample sees alone (a mis-scattered row would change its loss)."""
+    from easyanimate.data.buckets import BucketCollate
+    from easyanimate.data.dataset import SampleRef, VideoImageDataset
+    from easyanimate.data.metadata import load_metadata
+    from easyanimate.training import trainer as T
+    from easyanimate.training.objective import inpaint_condition_flags
+
+    cfg = parse_args(_args(tiny_model_dir, data, "unused"))
+    transformer, frozen = T.load_models(cfg, torch.device("cpu"), torch.float32)
+    objective = DiffusionObjective.from_model_folder(tiny_model_dir, seed=cfg.seed)
+    dataset = VideoImageDataset(load_metadata(data / "one_image.json", data), cfg.data_config(), seed=cfg.seed)
+    collate = BucketCollate(cfg.data_config(), cfg.seed)
+    refs = [SampleRef(0, 99, 1000 + i) for i in range(8)]
+
+    def loss(batch):
+        with torch.no_grad():
+            return float(T.compute_loss(T.TrainableTransformer(transformer), transformer, frozen, objective, batch,
+                                        cfg, "cpu", torch.float32))
+
+    batch = collate([dataset[r] for r in refs])
+    keys = [(int(batch["epoch"]), int(p), 0) for p in batch["positions"]]
+    flags = inpaint_condition_flags(batch["mask"], keys, cfg.seed)
+    assert 0 < flags.sum() < len(flags), "the batch must mix text-to-video and conditioned samples"
+    singles = [loss(collate([dataset[r]])) for r in refs]
+    assert loss(batch) == pytest.approx(float(np.mean(singles)), rel=1e-5)
+
+
 def test_loss_falls_on_a_learnable_set(tiny_model_dir, data, tmp_path):
     args = _args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps", "12",
                  "--checkpointing_steps", "12", "--learning_rate", "5e-3", "--lr_scheduler", "constant")

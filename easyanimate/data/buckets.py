@@ -288,7 +288,7 @@ class BucketCollate:
             masks, clip_frames = [], []
             for sample, pixels in zip(samples, pixel_values):
                 sample_rng = keyed_rng(self.seed, MASK, sample["epoch"], sample["position"])
-                masks.append(random_mask(frames, crop[0], crop[1], sample_rng))
+                masks.append(random_mask(frames, crop[0], crop[1], sample_rng, cfg.video_mask_probs))
                 clip_index = 0 if frames == 1 or sample_rng.random() < 0.5 else int(sample_rng.integers(1, frames))
                 clip_frames.append(((pixels[clip_index] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0))
             mask = torch.stack(masks).float()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .masks import VIDEO_MASK_PROBS, check_mask_probs
 from .seeding import FRAMES, REPLACE, TEXT_DROP, keyed_rng
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class DataConfig:
     random_ratio_crop: bool = False
     random_frame_crop: bool = False
     enable_inpaint: bool = False
+    # probabilities of the five inpaint mask types for videos (masks.MASK_TYPE_NAMES order)
+    video_mask_probs: tuple[float, ...] = VIDEO_MASK_PROBS
     text_drop_ratio: float = 0.0
     max_retries: int = 10
     decode_timeout_s: float = 20.0
@@ -71,6 +74,7 @@ class DataConfig:
             raise ValueError("video_repeat must be >= 0")
         if not 0 <= self.text_drop_ratio <= 1:
             raise ValueError("text_drop_ratio must be in [0, 1]")
+        self.video_mask_probs = check_mask_probs(self.video_mask_probs)
 
     @property
     def max_side(self) -> int:

@@ -49,8 +49,20 @@ def make_mask(kind: int, num_frames: int, height: int, width: int, rng: np.rando
     return mask
 
 
-def random_mask(num_frames: int, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
-    """Draw a mask type with the V4 probabilities (video: 5/30/30/30/5 %; image: 20 % box, 80 % full)."""
-    probs = VIDEO_MASK_PROBS if num_frames > 1 else IMAGE_MASK_PROBS
+def check_mask_probs(probs) -> tuple[float, ...]:
+    """``probs`` as a tuple of five non-negative floats summing to 1, or a ValueError naming the problem."""
+    probs = tuple(float(p) for p in probs)
+    if len(probs) != len(MASK_TYPE_NAMES) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+        raise ValueError(
+            f"video mask probabilities must be {len(MASK_TYPE_NAMES)} non-negative numbers summing to 1, one per "
+            f"type ({', '.join(MASK_TYPE_NAMES)}); got {list(probs)}"
+        )
+    return probs
+
+
+def random_mask(num_frames: int, height: int, width: int, rng: np.random.Generator,
+                video_probs: tuple[float, ...] = VIDEO_MASK_PROBS) -> torch.Tensor:
+    """Draw a mask type: videos with ``video_probs`` (V4: 5/30/30/30/5 %), images 20 % box, 80 % full."""
+    probs = video_probs if num_frames > 1 else IMAGE_MASK_PROBS
     kind = int(rng.choice(len(probs), p=probs))
     return make_mask(kind, num_frames, height, width, rng)

@@ -68,6 +68,11 @@ VIDEO_TEMPLATES_ZH = (
 IMAGE_TEMPLATES_EN = ("a {color} {shape}", "a {color} {shape} on a black background")
 IMAGE_TEMPLATES_ZH = ("一个{color}的{shape}", "黑色背景上的一个{color}的{shape}")
 LANGUAGES = ("en", "zh")
+# The Chinese captions cut into words. The tiny mT5 tokenizer keeps each as one piece: a unigram model trained on
+# so few captions otherwise learns pieces such as "红色的圆形" that fuse colour and shape, so a held-out pairing
+# would be tokenized unlike anything seen in training (a real mT5 vocabulary does not fuse them either).
+CHINESE_WORDS = (*COLOR_ZH.values(), *SHAPE_ZH.values(), "向左", "向右", "向上", "向下", "移动", "静止", "不动",
+                 "一个", "黑色", "背景")
 
 
 def all_combinations() -> list[tuple[str, str, str]]:

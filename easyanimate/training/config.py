@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..data.dataset import DataConfig
+from ..data.masks import VIDEO_MASK_PROBS, check_mask_probs
 
 
 def _f(default, help: str, **extra):
@@ -43,6 +44,9 @@ class TrainConfig:
     random_hw_adapt: bool = _f(False, "train at several resolutions")
     training_with_video_token_length: bool = _f(False, "fixed token budget per batch (size/frames trade-off, x2/x4)")
     text_drop_ratio: float = _f(0.0, "probability of an empty caption (V4: 0, never)")
+    video_mask_probs: list = _f(list(VIDEO_MASK_PROBS), "inpaint mode: probabilities of the video mask types random "
+                                "box, full (text-to-video), keep head, keep head and tail, spatio-temporal box",
+                                nargs=5, type=float)
     dataloader_num_workers: int = _f(0, "dataloader worker processes")
     max_failure_fraction: float = _f(0.05, "stop training when more than this fraction of file reads fail")
     max_retries: int = _f(10, "replacements tried for one broken file before giving up")
@@ -100,6 +104,7 @@ class TrainConfig:
             raise ValueError("train_batch_size and gradient_accumulation_steps must be >= 1")
         if self.checkpointing_steps < 1:
             raise ValueError("checkpointing_steps must be >= 1")
+        self.video_mask_probs = list(check_mask_probs(self.video_mask_probs))
         if not 0 <= self.max_failure_fraction <= 1:
             raise ValueError("max_failure_fraction must be in [0, 1]")
         if self.lora and self.use_ema:
@@ -121,6 +126,7 @@ class TrainConfig:
             random_ratio_crop=self.random_ratio_crop,
             random_frame_crop=self.random_frame_crop,
             enable_inpaint=self.train_mode == "inpaint",
+            video_mask_probs=tuple(self.video_mask_probs),
             text_drop_ratio=self.text_drop_ratio,
             max_retries=self.max_retries,
         )
@@ -136,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
-        kind = {"int": int, "float": float, "str": str, "list": str}.get(f.type, str)
+        kind = meta.pop("type", {"int": int, "float": float, "str": str, "list": str}.get(f.type, str))
         parser.add_argument(flag, type=kind, default=default, help=help_text, **meta)
     return parser
 

@@ -213,13 +213,23 @@ def compute_loss(model: nn.Module, transformer: nn.Module, frozen: FrozenModels,
         if cfg.train_mode == "inpaint":
             mask = batch["mask"].to(device, weight_dtype).transpose(1, 2)  # B, 1, F, H, W; 1 = generate
             masked = batch["mask_pixel_values"].to(device, weight_dtype).transpose(1, 2)
-            # the {0, 1} mask is encoded as if it were an image (tiled to 3 channels), as the original does
-            mask_latents = sample_posterior(frozen.vae, mask.expand(-1, 3, -1, -1, -1), keys, replicas, seed, 1,
-                                            cfg.vae_mini_batch)
-            masked_latents = sample_posterior(frozen.vae, masked, keys, replicas, seed, 2, cfg.vae_mini_batch)
             flags = inpaint_condition_flags(batch["mask"].repeat_interleave(replicas, 0), keys, seed)
+            inpaint = torch.zeros(latents.shape[0], 2 * latents.shape[1], *latents.shape[2:], device=device)
+            # samples whose condition is zeroed (text-to-video) skip the two VAE encodes: a pure saving, since all
+            # noise is keyed per sample the other samples' latents are unchanged
+            used = flags.view(-1, replicas).amax(dim=1) > 0
+            if used.any():
+                idx = used.nonzero().flatten().tolist()
+                rows = [i * replicas + r for i in idx for r in range(replicas)]
+                sub_keys = [keys[row] for row in rows]
+                # the {0, 1} mask is encoded as if it were an image (tiled to 3 channels), as the original does
+                mask_latents = sample_posterior(frozen.vae, mask[idx].expand(-1, 3, -1, -1, -1), sub_keys, replicas,
+                                                seed, 1, cfg.vae_mini_batch)
+                masked_latents = sample_posterior(frozen.vae, masked[idx], sub_keys, replicas, seed, 2,
+                                                  cfg.vae_mini_batch)
+                inpaint[rows] = torch.cat([mask_latents, masked_latents], dim=1).float()
             flags = flags.to(device)[:, None, None, None, None]
-            extra["inpaint_latents"] = (torch.cat([mask_latents, masked_latents], dim=1) * flags).to(weight_dtype)
+            extra["inpaint_latents"] = (inpaint * flags).to(weight_dtype)
             clip_tokens = encode_clip(frozen, batch["clip_pixel_values"], device, weight_dtype)
             extra["clip_encoder_hidden_states"] = clip_tokens.repeat_interleave(replicas, 0)
             extra["clip_attention_mask"] = clip_keep_mask(keys, seed, transformer.config.n_query).to(device, weight_dtype)

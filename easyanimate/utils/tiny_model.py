@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..demo.shapes import CHINESE_WORDS
 from .atomic import building_directory
 
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_corpus.txt"
@@ -227,7 +228,8 @@ def train_sentencepiece(lines: list[str], vocab_size: int = SENTENCEPIECE_VOCAB_
 
     One thread and full character coverage make the result deterministic and free of <unk> on corpus characters,
     and every printable ASCII character is a piece, so English text in any casing never produces <unk>;
-    ``hard_vocab_limit=False`` lets a small corpus end with fewer pieces than asked for.
+    ``hard_vocab_limit=False`` lets a small corpus end with fewer pieces than asked for. The demo's Chinese words
+    (``demo.shapes.CHINESE_WORDS``) are user-defined pieces, so colour, shape and motion never fuse into one piece.
     """
     import sentencepiece as spm
 
@@ -240,6 +242,7 @@ def train_sentencepiece(lines: list[str], vocab_size: int = SENTENCEPIECE_VOCAB_
         hard_vocab_limit=False,
         character_coverage=1.0,
         required_chars=_SENTENCEPIECE_REQUIRED_CHARS,
+        user_defined_symbols=list(CHINESE_WORDS),
         normalization_rule_name="nmt_nfkc",
         pad_id=0,
         eos_id=1,
