@@ -75,11 +75,14 @@ PRELOAD_MODULE_CLASSES = ["MultiheadAttention", "HunyuanDiTAttentionPool"]
 # The released image_encoder/ is a full CLIP checkpoint; only its vision half is run.
 CLIP_UNUSED_PREFIXES = ("text_model.", "text_projection.", "logit_scale", "vision_model.embeddings.position_ids")
 
-BERT_MAX_LENGTH = 77  # the original hard-codes both lengths; the transformer's padding tables are built for them
-T5_MAX_LENGTH = 256
 T5_ROUND_TRIP_LENGTH = 140  # the original decodes the first 140 T5 ids and tokenizes that text again (spec §4.2)
 KNOWN_FRAMES = 3  # frames the image-to-video helper marks as known for a start (and an end) image
 DEFAULT_NEGATIVE_PROMPT = ""
+
+
+def text_lengths(transformer) -> tuple[int, int]:
+    """Token counts the transformer's text inputs must have: BERT ``text_len`` and mT5 ``text_len_t5``."""
+    return int(transformer.config.text_len), int(transformer.config.text_len_t5)
 
 
 @dataclass
@@ -390,15 +393,17 @@ class EasyAnimatePipeline(DiffusionPipeline):
     def tokenize_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids and masks for both encoders, as the original builds them (spec §4.2).
 
-        BERT: 77 tokens, padded and truncated. mT5: 256 tokens; because 256 > 140 the original decodes the first
+        Lengths are the transformer's ``text_len`` / ``text_len_t5`` (its padding table is built for them; the
+        released model: 77 and 256, which the original hard-codes). BERT: padded and truncated. mT5: with 256 > 140 the original decodes the first
         140 ids (special tokens skipped) and tokenizes that text again, which caps the prompt at ~140 pieces and
         normalises the text (e.g. full-width punctuation). Returns ``input_ids``, ``attention_mask``,
         ``input_ids_2``, ``attention_mask_2`` and ``input_ids_2_first_pass``."""
         padded = dict(padding="max_length", truncation=True, return_tensors="pt")
-        bert = self.tokenizer(prompts, max_length=BERT_MAX_LENGTH, **padded)
-        first = self.tokenizer_2(prompts, max_length=T5_MAX_LENGTH, **padded)
+        bert_length, t5_length = text_lengths(self.transformer)
+        bert = self.tokenizer(prompts, max_length=bert_length, **padded)
+        first = self.tokenizer_2(prompts, max_length=t5_length, **padded)
         texts = self.tokenizer_2.batch_decode(first.input_ids[:, :T5_ROUND_TRIP_LENGTH], skip_special_tokens=True)
-        t5 = self.tokenizer_2(texts, max_length=T5_MAX_LENGTH, **padded)
+        t5 = self.tokenizer_2(texts, max_length=t5_length, **padded)
         return {
             "input_ids": bert.input_ids,
             "attention_mask": bert.attention_mask,

@@ -29,7 +29,7 @@ if [ "${SMOKE:-0}" = "1" ]; then
 else
   DATA_ARGS=(--videos-per-combination 16 --images-per-combination 8 --vae-images-per-combination 100)
   VAE_ARGS=()
-  STEPS=(${STAGE1_STEPS:-1000} ${STAGE2_STEPS:-1500} ${STAGE3_STEPS:-3000}); BATCH=16; WARMUP=100; WORKERS=1; CKPT=100
+  STEPS=(${STAGE1_STEPS:-1000} ${STAGE2_STEPS:-1500} ${STAGE3_STEPS:-6000}); BATCH=16; WARMUP=100; WORKERS=1; CKPT=100
 fi
 
 step() { echo "=== $(date -u +%H:%M:%S) $*" >&2; }

@@ -383,3 +383,28 @@ def test_plain_text_to_video_model_needs_no_image_encoder(model_dir, tmp_path):
     assert v2v.shape == (1, 3, 8, 32, 32)
     with pytest.raises(ValueError, match="InP model"):
         pipe(PROMPT, video_length=8, image=test_image(), **SMALL)
+
+
+def test_text_lengths_come_from_the_transformer_config(model_dir, tmp_path):
+    """A transformer built with shorter text tables (the demo model's 32 + 32) gets prompts tokenized to those
+    lengths; the released 77 + 256 are the config's defaults."""
+    import json
+
+    from easyanimate.models.transformer import HunyuanTransformer3DModel
+
+    root = tmp_path / "short_text_model"
+    shutil.copytree(model_dir, root)
+    config = json.loads((root / "transformer" / "config.json").read_text())
+    config.update(text_len=8, text_len_t5=12)
+    torch.manual_seed(0)
+    transformer = HunyuanTransformer3DModel.from_config(config)
+    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()},
+              str(root / "transformer" / "diffusion_pytorch_model.safetensors"))
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+
+    short = load(root)
+    tokens = short.tokenize_prompts([PROMPT * 4])
+    assert tokens["input_ids"].shape == (1, 8) and tokens["input_ids_2"].shape == (1, 12)
+    assert short(PROMPT, video_length=8, generator=gen(), **SMALL).videos.shape == (1, 3, 8, 32, 32)
+    released = load(model_dir).tokenize_prompts([PROMPT])
+    assert released["input_ids"].shape == (1, 77) and released["input_ids_2"].shape == (1, 256)

@@ -40,6 +40,10 @@ DEMO_TRANSFORMER_CONFIG = {
     "num_layers": 8,
     "mlp_ratio": 4.0,
     "sample_size": 8,
+    # captions are at most ~20 tokens: 32-token tables instead of V4's 77 + 256, so cross-attention and the mT5
+    # pooler are not diluted by ~320 padding slots (the pipeline and train.py take the lengths from this config)
+    "text_len": 32,
+    "text_len_t5": 32,
 }
 # The V4 cache VAE at 1/16 of the released width: spatial /8, temporal /4, 4 latent channels.
 DEMO_VAE_CONFIG = {

@@ -33,7 +33,6 @@ from .objective import DiffusionObjective, clip_keep_mask, inpaint_condition_fla
 
 logger = logging.getLogger(__name__)
 
-BERT_MAX_LENGTH, T5_MAX_LENGTH = 77, 256
 LORA_STATE_FILE = "lora_diffusion_pytorch_model.safetensors"
 VALIDATION_NEGATIVE_PROMPT = "bad detailed"
 
@@ -51,6 +50,7 @@ class FrozenModels:
     tokenizer_2: object
     image_encoder: nn.Module | None
     image_processor: object | None
+    text_lengths: tuple[int, int] = (77, 256)  # BERT and mT5 token counts (the transformer's text_len, text_len_t5)
     text_cache: dict | None = None  # caption -> embeddings, when precomputed
 
 
@@ -69,7 +69,7 @@ class TrainableTransformer(nn.Module):
 
 def load_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
     """The transformer (fp32 master weights) and the frozen models from the released folder layout."""
-    from ..pipeline import EasyAnimatePipeline
+    from ..pipeline import EasyAnimatePipeline, text_lengths
 
     pipe = EasyAnimatePipeline.from_pretrained(cfg.pretrained_model_name_or_path, torch_dtype=torch.float32, device="cpu")
     transformer = pipe.transformer
@@ -90,6 +90,7 @@ def load_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtyp
         tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
         image_encoder=pipe.image_encoder if cfg.train_mode == "inpaint" else None,
         image_processor=pipe.image_processor if cfg.train_mode == "inpaint" else None,
+        text_lengths=text_lengths(transformer),
     )
     return transformer.to(device), frozen_models
 
@@ -162,8 +163,8 @@ def sample_posterior(vae, pixels: torch.Tensor, keys: Sequence[tuple], replicas:
 
 @torch.no_grad()
 def encode_text(frozen: FrozenModels, texts: Sequence[str], device, dtype):
-    """BERT (77 tokens) and mT5 (256) last hidden states with their masks, padded/truncated as the original's
-    training does. With ``frozen.text_cache`` (precomputed embeddings) cached captions are not re-encoded."""
+    """BERT and mT5 last hidden states (``frozen.text_lengths`` tokens: 77 and 256 for V4) with their masks,
+    padded/truncated as the original's training does. With ``frozen.text_cache`` (precomputed embeddings) cached captions are not re-encoded."""
     cache = frozen.text_cache
     missing = [t for t in dict.fromkeys(texts) if cache is None or t not in cache]
     rows = {}
@@ -171,9 +172,9 @@ def encode_text(frozen: FrozenModels, texts: Sequence[str], device, dtype):
         if frozen.text_encoder is None:
             raise RuntimeError(f"caption {missing[0]!r} is not among the precomputed text embeddings")
         enc_device = next(frozen.text_encoder.parameters()).device
-        bert = frozen.tokenizer(missing, padding="max_length", max_length=BERT_MAX_LENGTH, truncation=True,
+        bert = frozen.tokenizer(missing, padding="max_length", max_length=frozen.text_lengths[0], truncation=True,
                                 return_tensors="pt")
-        t5 = frozen.tokenizer_2(missing, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
+        t5 = frozen.tokenizer_2(missing, padding="max_length", max_length=frozen.text_lengths[1], truncation=True,
                                 return_tensors="pt")
         emb = frozen.text_encoder(bert.input_ids.to(enc_device), attention_mask=bert.attention_mask.to(enc_device))[0]
         emb_2 = frozen.text_encoder_2(t5.input_ids.to(enc_device), attention_mask=t5.attention_mask.to(enc_device))[0]
