@@ -7,9 +7,9 @@
 #   bash scripts/train_demo.sh [WORK_DIR]            # default WORK_DIR: output_dir/demo
 #   SMOKE=1 bash scripts/train_demo.sh WORK_DIR      # a few steps per stage on a small dataset (CI)
 #
-# Measured on 2 shared CPU cores (one thread per process, the other core busy with other work): about 55 min in
-# all: data 2 min; VAE 2000 image steps (6 min) + 2400 clip/image steps (10 min); transformer stages 500 + 600 + 900
-# steps of batch 16 (7 + 11 + 17 min).
+# Measured on the 2-core machine: about 1 h 50 min in all: data 2 min; VAE 2000 image steps (6 min) + 2400 clip/image
+# steps (10 min), one thread with the other core busy; transformer stages 1000 + 1500 + 6000 steps of batch 16
+# (8 + 15 + 67 min with OMP_NUM_THREADS=2 on otherwise idle cores; expect ~1.5x longer with the default 1 thread).
 # Re-running resumes every stage from its newest checkpoint. The result is WORK_DIR/EasyAnimateV4-demo; copy it
 # to models/ (DEST=models/EasyAnimateV4-demo writes it there directly).
 set -euo pipefail

@@ -19,12 +19,12 @@ from easyanimate.demo.shapes import (
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "models" / "EasyAnimateV4-demo"
 # Floors for the shipped model on the fixed subset below (10 steps, seed 0), just under what it measured there
-# (t2v 33 % in each language; i2v first frame 30.3 / 18.6 dB; v2v 26.4 / 21.6 dB). The targets (90 %,
-# 25 dB) are NOT met by this model (models/EasyAnimateV4-demo/README.md); these floors only catch a broken model
-# or pipeline. Raise them when a longer-trained model is shipped.
-SHIPPED_MIN_ACCURACY = 0.3
+# (t2v 10/12 attributes = 83 % in each language, chance ~26 %; i2v first frame 27.3 / 19.5 dB; v2v 26.6 /
+# 19.7 dB: the second clip is a green circle, which this model repaints red). The targets (90 %, 25 dB)
+# are not met yet (models/EasyAnimateV4-demo/README.md); one attribute may flip on other CPUs, hence 75 %.
+SHIPPED_MIN_ACCURACY = 0.75
 SHIPPED_MIN_I2V_PSNR = 18.0
-SHIPPED_MIN_V2V_PSNR = 20.0
+SHIPPED_MIN_V2V_PSNR = 18.5
 
 
 # ------------------------------------------------------------------------------------------------ data
