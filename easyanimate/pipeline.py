@@ -394,10 +394,10 @@ class EasyAnimatePipeline(DiffusionPipeline):
         """Token ids and masks for both encoders, as the original builds them (spec §4.2).
 
         Lengths are the transformer's ``text_len`` / ``text_len_t5`` (its padding table is built for them; the
-        released model: 77 and 256, which the original hard-codes). BERT: padded and truncated. mT5: with 256 > 140 the original decodes the first
-        140 ids (special tokens skipped) and tokenizes that text again, which caps the prompt at ~140 pieces and
-        normalises the text (e.g. full-width punctuation). Returns ``input_ids``, ``attention_mask``,
-        ``input_ids_2``, ``attention_mask_2`` and ``input_ids_2_first_pass``."""
+        released model: 77 and 256, which the original hard-codes). BERT: padded and truncated. mT5: the original
+        decodes the first 140 ids (special tokens skipped) and tokenizes that text again, which caps a 256-token
+        prompt at ~140 pieces and normalises the text (e.g. full-width punctuation). Returns ``input_ids``,
+        ``attention_mask``, ``input_ids_2``, ``attention_mask_2`` and ``input_ids_2_first_pass``."""
         padded = dict(padding="max_length", truncation=True, return_tensors="pt")
         bert_length, t5_length = text_lengths(self.transformer)
         bert = self.tokenizer(prompts, max_length=bert_length, **padded)

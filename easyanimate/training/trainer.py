@@ -164,7 +164,8 @@ def sample_posterior(vae, pixels: torch.Tensor, keys: Sequence[tuple], replicas:
 @torch.no_grad()
 def encode_text(frozen: FrozenModels, texts: Sequence[str], device, dtype):
     """BERT and mT5 last hidden states (``frozen.text_lengths`` tokens: 77 and 256 for V4) with their masks,
-    padded/truncated as the original's training does. With ``frozen.text_cache`` (precomputed embeddings) cached captions are not re-encoded."""
+    padded/truncated as the original's training does. With ``frozen.text_cache`` (precomputed embeddings) cached
+    captions are not re-encoded."""
     cache = frozen.text_cache
     missing = [t for t in dict.fromkeys(texts) if cache is None or t not in cache]
     rows = {}
