@@ -36,6 +36,22 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = 8) -> None:
             writer.append_data(frame)
 
 
+def _write_still_images(work: Path, folder: str, per_combination: int, first_number: int, rng):
+    """Render ``per_combination`` still images of every colour x shape into ``work/folder`` (sizes alternating),
+    yielding ``(k, color, shape, height, width, relative_name)``; files are numbered from ``first_number``."""
+    from PIL import Image
+
+    number = first_number
+    for color in COLORS:
+        for shape in SHAPES:
+            for k in range(per_combination):
+                height, width = SIZES[k % len(SIZES)]
+                name = f"{folder}/{number:05d}_{color}_{shape}_{height}x{width}.png"
+                Image.fromarray(render_image(color, shape, height, width, rng)).save(work / name)
+                yield k, color, shape, height, width, name
+                number += 1
+
+
 def make_dataset(out_dir: str | os.PathLike, videos_per_combination: int = 6, images_per_combination: int = 4,
                  seed: int = 0, *, vae_images_per_combination: int = 0, max_combinations: int | None = None,
                  overwrite: bool = False, progress: bool = True) -> Path:
@@ -47,7 +63,6 @@ def make_dataset(out_dir: str | os.PathLike, videos_per_combination: int = 6, im
     step of the VAE costs a sixteenth of a clip step, and colour and shape are learned from single frames: trained
     on clips alone, the small VAE still reproduced every shape as a grey blob after 1 600 steps, while 500
     image-only steps (batch 8) already separated the colours."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -73,28 +88,17 @@ def make_dataset(out_dir: str | os.PathLike, videos_per_combination: int = 6, im
             rows.append({"file_path": name, "text": caption(color, shape, motion, language, k // 2),
                          "type": "video", "width": width, "height": height,
                          "color": color, "shape": shape, "motion": motion, "language": language})
-        n = 0
-        for color in COLORS:
-            for shape in SHAPES:
-                for k in range(images_per_combination):
-                    height, width = SIZES[k % len(SIZES)]
-                    name = f"images/{n:05d}_{color}_{shape}_{height}x{width}.png"
-                    Image.fromarray(render_image(color, shape, height, width, rng)).save(work / name)
-                    language = LANGUAGES[k % 2]
-                    rows.append({"file_path": name, "text": caption(color, shape, None, language, k // 2),
-                                 "type": "image", "width": width, "height": height,
-                                 "color": color, "shape": shape, "motion": None, "language": language})
-                    n += 1
+        for k, color, shape, height, width, name in _write_still_images(work, "images", images_per_combination, 0, rng):
+            language = LANGUAGES[k % 2]
+            rows.append({"file_path": name, "text": caption(color, shape, None, language, k // 2),
+                         "type": "image", "width": width, "height": height,
+                         "color": color, "shape": shape, "motion": None, "language": language})
         vae_rows = [r for r in rows if r["type"] == "video"]
         if vae_images_per_combination:
             (work / "vae_images").mkdir()
-        for color in COLORS:
-            for shape in SHAPES:
-                for k in range(vae_images_per_combination):
-                    height, width = SIZES[k % len(SIZES)]
-                    name = f"vae_images/{len(vae_rows):05d}_{color}_{shape}_{height}x{width}.png"
-                    Image.fromarray(render_image(color, shape, height, width, rng)).save(work / name)
-                    vae_rows.append({"file_path": name, "text": "", "type": "image", "width": width, "height": height})
+        for _, _, _, height, width, name in _write_still_images(work, "vae_images", vae_images_per_combination,
+                                                                len(vae_rows), rng):
+            vae_rows.append({"file_path": name, "text": "", "type": "image", "width": width, "height": height})
         vae_rows += [r for r in rows if r["type"] == "image"]
         (work / VAE_IMAGES_METADATA_NAME).write_text(
             json.dumps([r for r in vae_rows if r["type"] == "image"], ensure_ascii=False, indent=1) + "\n",
