@@ -132,8 +132,8 @@ def test_judge_reads_images_and_rejects_wrong_attributes():
 
 # ------------------------------------------------------------------------------------------------ recipe
 def test_train_demo_smoke_runs_end_to_end(tmp_path):
-    """scripts/train_demo.sh in smoke mode: dataset, base model, train_vae.py, three train.py stages, fp16 folder
-    that the pipeline loads in fp32 and runs."""
+    """scripts/train_demo.sh in smoke mode: dataset, base model, train_vae.py (three phases), three train.py stages,
+    fp16 folder that the pipeline loads in fp32 and runs."""
     env = dict(os.environ, SMOKE="1", PYTHON=sys.executable, OMP_NUM_THREADS="2",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     work = tmp_path / "work"
@@ -144,6 +144,15 @@ def test_train_demo_smoke_runs_end_to_end(tmp_path):
         assert (work / f"stage{stage}" / "checkpoint-2" / "transformer" / "config.json").is_file()
     model = work / "EasyAnimateV4-demo"
     from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    # VAE phase 3 trains the decoder only: the encoder the transformer's latents come from is bit-identical
+    full = load_file(str(work / "vae" / "vae" / "diffusion_pytorch_model.safetensors"))
+    decoder_tuned = load_file(str(work / "vae_decoder" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert full.keys() == decoder_tuned.keys()
+    encoder_side = [k for k in full if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder_side and all(torch.equal(full[k], decoder_tuned[k]) for k in encoder_side)
+    assert any(not torch.equal(full[k], decoder_tuned[k]) for k in full if k.startswith("decoder."))
 
     with safe_open(str(model / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16

@@ -43,7 +43,8 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = (
 SIZES: tuple[tuple[int, int], ...] = ((64, 64), (48, 96))
 NUM_FRAMES = 16  # frames the model generates
 FILE_FRAMES = 20  # frames per dataset video: training samples 16 inside the 10 %-90 % window of a clip
-SHAPE_SIZE = (14, 18)  # side of the shape's bounding box, pixels
+SHAPE_SIZE = (18, 24)  # side of the shape's bounding box, pixels: at least one 16x16 transformer patch, so a
+# square's corners are not lost inside a single token (at 14-18 px most generated squares came out rounded)
 SPEED = (1.5, 2.2)  # pixels per frame of the moving shapes
 
 COLOR_ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色"}
