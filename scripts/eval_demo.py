@@ -1,7 +1,7 @@
 """Judge the demo model on held-out colour x shape x motion combinations, in English and Chinese.
 
     python scripts/eval_demo.py [--model models/EasyAnimateV4-demo] [--modes t2v i2v v2v] [--seeds 0 1]
-                                [--size 64x64] [--steps 25] [--guidance 5] [--save-dir DIR] [--json FILE]
+                                [--size 64x64] [--steps 25] [--guidance 3] [--save-dir DIR] [--json FILE]
 
 Prints per-attribute (colour, shape, motion) and overall accuracy per mode and language, and for image-to-video
 (PSNR of the first frame against the given image) and video-to-video (PSNR against the input at strength 0.3).

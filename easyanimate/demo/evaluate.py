@@ -28,7 +28,9 @@ class EvalSettings:
     width: int = 64
     num_frames: int = NUM_FRAMES
     steps: int = 25
-    guidance: float = 5.0
+    # chosen on the *training* combinations (t2v, seed 0): guidance 2 / 3 / 5 / 8 -> 90.1 / 90.7 / 85.6 / 83.7 %;
+    # stronger guidance draws rounder squares
+    guidance: float = 3.0
     seeds: tuple[int, ...] = (0,)
     languages: tuple[str, ...] = ("en", "zh")
     template: int = 0
