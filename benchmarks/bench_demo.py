@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from easyanimate.demo.evaluate import EvalSettings
+
 DEFAULT_MODEL = "models/EasyAnimateV4-demo"
 
 
@@ -46,7 +48,8 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=3.0, help="> 1 runs the transformer twice per step")
+    parser.add_argument("--guidance", type=float, default=EvalSettings.guidance,
+                        help="> 1 runs the transformer twice per step (default: the demo's recommended guidance)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not Path(args.model).is_dir():
