@@ -52,6 +52,12 @@ def test_logit_normal_timesteps_are_keyed_and_distributed():
     q = np.quantile(t.numpy(), [0.5, 0.8413])
     assert abs(q[0] - 500) < 20 and abs(q[1] - 731) < 20
     assert not torch.equal(t, sample_logit_normal_timesteps(keys, seed=2, num_train_timesteps=1000))
+    # N(-1, 0.5): median sigmoid(-1) = 0.269, 84th percentile sigmoid(-0.5) = 0.378; same draws, shifted and scaled
+    low = sample_logit_normal_timesteps(keys, seed=1, num_train_timesteps=1000, mean=-1.0, std=0.5)
+    q = np.quantile(low.numpy(), [0.5, 0.8413])
+    assert abs(q[0] - 269) < 15 and abs(q[1] - 378) < 15
+    with pytest.raises(ValueError, match="std must be > 0"):
+        sample_logit_normal_timesteps(keys, seed=1, num_train_timesteps=1000, std=0.0)
 
 
 def test_loss_discards_learned_sigma_and_adds_motion_term():

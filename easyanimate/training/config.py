@@ -59,6 +59,9 @@ class TrainConfig:
     motion_sub_loss_ratio: float = _f(0.25, "weight of the motion sub-loss")
     noise_share_in_frames: bool = _f(False, "correlate the noise of consecutive latent frames")
     noise_share_in_frames_ratio: float = _f(0.5, "correlation of --noise_share_in_frames")
+    timestep_logit_mean: float = _f(0.0, "timesteps t = T * sigmoid(u), u ~ N(mean, std); V4: N(0, 1); a negative "
+                                    "mean trains more at low noise (fine detail)")
+    timestep_logit_std: float = _f(1.0, "std of the logit-normal timestep density")
     vae_mini_batch: int = _f(32, "samples per VAE encode call")
     precompute_text_embeddings: bool = _f(False, "encode all captions once at start and free the text encoders")
     # optimisation
@@ -109,6 +112,8 @@ class TrainConfig:
             raise ValueError("max_failure_fraction must be in [0, 1]")
         if self.lora and self.use_ema:
             raise ValueError("--use_ema averages full transformer weights; it does not apply to --lora training")
+        if self.timestep_logit_std <= 0:
+            raise ValueError(f"--timestep_logit_std must be > 0, got {self.timestep_logit_std}")
         if self.lora and self.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {self.rank}")
 

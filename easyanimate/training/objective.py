@@ -23,9 +23,14 @@ from ..data.seeding import CLIP_DROP, NOISE, T2V_FLAG, TIMESTEP, keyed_randn, ke
 SampleKey = tuple[int, ...]  # (epoch, position, replica)
 
 
-def sample_logit_normal_timesteps(keys: Sequence[SampleKey], seed: int, num_train_timesteps: int) -> torch.Tensor:
-    """``t = int(sigmoid(u) * T)`` with ``u ~ N(0, 1)``, clipped to ``[0, T-1]``, one draw per sample key."""
-    u = np.array([keyed_rng(seed, TIMESTEP, *key).standard_normal() for key in keys])
+def sample_logit_normal_timesteps(keys: Sequence[SampleKey], seed: int, num_train_timesteps: int,
+                                  mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """``t = int(sigmoid(u) * T)`` with ``u ~ N(mean, std)``, clipped to ``[0, T-1]``, one draw per sample key.
+    V4 trains with ``N(0, 1)`` (median t = T/2); a negative mean moves weight to low noise, where fine detail
+    such as corners is decided."""
+    if std <= 0:
+        raise ValueError(f"the logit-normal timestep std must be > 0, got {std}")
+    u = mean + std * np.array([keyed_rng(seed, TIMESTEP, *key).standard_normal() for key in keys])
     t = (1.0 / (1.0 + np.exp(-u)) * num_train_timesteps).astype(np.int64)
     return torch.from_numpy(np.clip(t, 0, num_train_timesteps - 1))
 
@@ -72,6 +77,8 @@ class DiffusionObjective:
     seed: int = 0
     motion_sub_loss_ratio: float = 0.0
     noise_share_in_frames_ratio: float = 0.0
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
 
     @classmethod
     def from_model_folder(cls, path: str | os.PathLike, **kwargs) -> "DiffusionObjective":
@@ -95,7 +102,8 @@ class DiffusionObjective:
         return noise.to(device)
 
     def sample_timesteps(self, keys: Sequence[SampleKey], *, device=None) -> torch.Tensor:
-        return sample_logit_normal_timesteps(keys, self.seed, self.num_train_timesteps).to(device)
+        return sample_logit_normal_timesteps(keys, self.seed, self.num_train_timesteps,
+                                             self.timestep_logit_mean, self.timestep_logit_std).to(device)
 
     def noisy_latents_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` and the target the scheduler's prediction type asks

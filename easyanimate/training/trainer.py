@@ -312,6 +312,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.pretrained_model_name_or_path, seed=cfg.seed,
         motion_sub_loss_ratio=cfg.motion_sub_loss_ratio if cfg.motion_sub_loss else 0.0,
         noise_share_in_frames_ratio=cfg.noise_share_in_frames_ratio if cfg.noise_share_in_frames else 0.0,
+        timestep_logit_mean=cfg.timestep_logit_mean, timestep_logit_std=cfg.timestep_logit_std,
     )
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
