@@ -52,7 +52,7 @@ def test_logit_normal_timesteps_are_keyed_and_distributed():
     q = np.quantile(t.numpy(), [0.5, 0.8413])
     assert abs(q[0] - 500) < 20 and abs(q[1] - 731) < 20
     assert not torch.equal(t, sample_logit_normal_timesteps(keys, seed=2, num_train_timesteps=1000))
-    # N(-1, 0.5): median sigmoid(-1) = 0.269, 84th percentile sigmoid(-0.5) = 0.378; same draws, shifted and scaled
+    # N(-1, 0.5): median sigmoid(-1) = 0.269, 84th percentile sigmoid(-0.5) = 0.378
     low = sample_logit_normal_timesteps(keys, seed=1, num_train_timesteps=1000, mean=-1.0, std=0.5)
     q = np.quantile(low.numpy(), [0.5, 0.8413])
     assert abs(q[0] - 269) < 15 and abs(q[1] - 378) < 15
@@ -184,6 +184,17 @@ def test_resume_reproduces_the_uninterrupted_losses(baseline, tiny_model_dir, da
                                      "--resume_from_checkpoint", str(out / "checkpoint-2"))))
     assert [s for s, _ in resumed.losses] == [3, 4]
     assert [l for _, l in resumed.losses] == [l for _, l in result.losses[2:]]
+
+
+def test_timestep_density_flags_reach_the_objective(baseline, tiny_model_dir, data, tmp_path):
+    """Same weights, data and noise as the baseline's first step; only the timesteps move (to low noise)."""
+    _, result = baseline
+    low = train(parse_args(_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps", "1",
+                                 "--checkpointing_steps", "1", "--learning_rate", "1e-3",
+                                 "--timestep_logit_mean", "-3", "--timestep_logit_std", "0.5")))
+    assert np.isfinite(low.losses[0][1]) and abs(low.losses[0][1] - result.losses[0][1]) > 1e-4
+    with pytest.raises(ValueError, match="--timestep_logit_std must be > 0"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_meta="d", timestep_logit_std=0.0)
 
 
 def test_two_processes_match_one_process(baseline, tiny_model_dir, data, tmp_path):
