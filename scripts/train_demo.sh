@@ -89,7 +89,8 @@ TOKENS=(48 64 80 80); VIDEO_SIZES=(48 64 64 64); IMAGE_SIZE=80
 # per stage: learning rate, schedule, extra flags. Stage 4 keeps stage 3's sizes and moves the timestep density to
 # low noise (logit-normal mean -1: median t = 269 instead of 500), where corners and curves are decided; fresh
 # noise draws (seed 4)
-LRS=(${LEARNING_RATE:-5e-4} ${LEARNING_RATE:-5e-4} ${LEARNING_RATE:-5e-4} ${STAGE4_LEARNING_RATE:-2e-4})
+lr=${LEARNING_RATE:-5e-4}
+LRS=(${lr} ${lr} ${lr} ${STAGE4_LEARNING_RATE:-2e-4})
 SCHEDULES=(constant_with_warmup constant_with_warmup cosine cosine)
 STAGE_EXTRA=("" "" "" "--timestep_logit_mean -1.0 --seed 4")
 previous=""

@@ -28,8 +28,8 @@ class EvalSettings:
     width: int = 64
     num_frames: int = NUM_FRAMES
     steps: int = 25
-    # chosen on the *training* combinations (t2v, seed 0): guidance 2 / 3 / 5 / 8 -> 90.1 / 90.7 / 85.6 / 83.7 %;
-    # stronger guidance draws rounder squares
+    # chosen on the *training* combinations (t2v, seed 0): guidance 2 / 3 / 5 / 8 -> 90.1 / 90.7 / 85.6 / 83.7 %
+    # (stronger guidance draws rounder squares); re-checked after demo stage 4: 2 / 3 / 4 -> 93.6 / 93.9 / 91.7 %
     guidance: float = 3.0
     seeds: tuple[int, ...] = (0,)
     languages: tuple[str, ...] = ("en", "zh")
