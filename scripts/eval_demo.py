@@ -1,7 +1,8 @@
 """Judge the demo model on held-out colour x shape x motion combinations, in English and Chinese.
 
     python scripts/eval_demo.py [--model models/EasyAnimateV4-demo] [--modes t2v i2v v2v] [--seeds 0 1]
-                                [--size 64x64] [--steps 25] [--guidance 3] [--save-dir DIR] [--json FILE]
+                                [--size 64x64] [--steps 25] [--sampler Euler] [--guidance 3]
+                                [--save-dir DIR] [--json FILE]
 
 Prints per-attribute (colour, shape, motion) and overall accuracy per mode and language, and for image-to-video
 (PSNR of the first frame against the given image) and video-to-video (PSNR against the input at strength 0.3).
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from easyanimate.cli import SAMPLER_NAMES  # noqa: E402
 from easyanimate.demo.evaluate import EvalSettings, evaluate, record_to_json, summarize  # noqa: E402
 from easyanimate.demo.shapes import HELD_OUT, training_combinations  # noqa: E402
 
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--size", type=_size, default=(64, 64), help="HEIGHTxWIDTH (64x64 or 48x96 were trained)")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps")
+    parser.add_argument("--sampler", default="Euler", choices=SAMPLER_NAMES, help="sampler by the original's name")
     parser.add_argument("--guidance", type=float, default=EvalSettings.guidance, help="classifier-free guidance")
     parser.add_argument("--template", type=int, default=0, help="caption template number")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every generated video here (gif)")
@@ -56,7 +59,7 @@ def main() -> None:
     from easyanimate.pipeline import EasyAnimatePipeline
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
-    pipe = EasyAnimatePipeline.from_pretrained(args.model, device="cpu")
+    pipe = EasyAnimatePipeline.from_pretrained(args.model, device="cpu", sampler=args.sampler)
     combos = list(HELD_OUT) if args.split == "held_out" else training_combinations()
     settings = EvalSettings(height=args.size[0], width=args.size[1], steps=args.steps, guidance=args.guidance,
                             seeds=tuple(args.seeds), languages=tuple(args.languages), template=args.template)
@@ -75,7 +78,7 @@ def main() -> None:
             name = f"{record.mode}_{record.color}_{record.shape}_{record.motion}_{record.language}_{record.seed}.gif"
             save_video(record.video, args.save_dir / name, fps=8)
     print(f"\n{len(records)} videos in {time.time() - start:.0f}s ({args.split}, {args.size[0]}x{args.size[1]}, "
-          f"{args.steps} steps, guidance {args.guidance})")
+          f"{args.steps} {args.sampler} steps, guidance {args.guidance})")
     for mode, entry in summary.items():
         for language in [k for k in entry if k in ("all", "en", "zh")]:
             acc = entry[language]
@@ -85,7 +88,8 @@ def main() -> None:
             print(f"{mode:4s} PSNR mean {entry['psnr_mean']:.1f} dB, min {entry['psnr_min']:.1f} dB")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"summary": summary, "settings": vars(settings),
+        settings_json = {**vars(settings), "sampler": args.sampler}
+        args.json.write_text(json.dumps({"summary": summary, "settings": settings_json,
                                          "records": [record_to_json(r) for r in records]},
                                         indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
