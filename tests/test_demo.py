@@ -130,6 +130,24 @@ def test_judge_reads_images_and_rejects_wrong_attributes():
         judge_frames(np.zeros((2, 2)))
 
 
+def test_summary_standard_error_takes_the_prompts_as_samples():
+    from easyanimate.demo.evaluate import EvalRecord, summarize
+
+    def record(prompt, language, seed, right):
+        correct = {"color": right[0], "shape": right[1], "motion": right[2]}
+        return EvalRecord("t2v", prompt, language, seed, "red", "circle", "up", {}, correct)
+
+    # prompt a: 6/6 right over two seeds, b: 3/6, c: 0/3 -- prompt means 1, 0.5, 0
+    records = [record("a", "en", s, (True, True, True)) for s in (0, 1)]
+    records += [record("b", "en", 0, (True, True, True)), record("b", "en", 1, (False, False, False))]
+    records += [record("c", "zh", 0, (False, False, False))]
+    summary = summarize(records)["t2v"]
+    assert summary["all"]["overall"] == pytest.approx(9 / 15)
+    assert summary["all"]["overall_se"] == pytest.approx(np.std([1, 0.5, 0], ddof=1) / np.sqrt(3))
+    assert summary["en"]["overall_se"] == pytest.approx(np.std([1, 0.5], ddof=1) / np.sqrt(2))
+    assert np.isnan(summary["zh"]["overall_se"])  # a single prompt has no spread to measure
+
+
 # ------------------------------------------------------------------------------------------------ recipe
 def test_train_demo_smoke_runs_end_to_end(tmp_path):
     """scripts/train_demo.sh in smoke mode: dataset, base model, train_vae.py (three phases), four train.py stages,
