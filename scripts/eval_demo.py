@@ -83,7 +83,8 @@ def main() -> None:
     for mode, entry in summary.items():
         for language in [k for k in entry if k in ("all", "en", "zh")]:
             acc = entry[language]
-            print(f"{mode:4s} {language:3s} overall {acc['overall']:.1%} (+-{acc['overall_se']:.1%} over prompts)  "
+            spread = f" (+-{acc['overall_se']:.1%} over prompts)" if acc["overall_se"] is not None else ""
+            print(f"{mode:4s} {language:3s} overall {acc['overall']:.1%}{spread}  "
                   + "  ".join(f"{k} {v:.1%}" for k, v in acc.items() if not k.startswith("overall")))
         if "psnr_mean" in entry:
             print(f"{mode:4s} PSNR mean {entry['psnr_mean']:.1f} dB, min {entry['psnr_min']:.1f} dB")

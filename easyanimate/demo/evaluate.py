@@ -112,15 +112,15 @@ def evaluate(pipe, combinations=HELD_OUT, settings: EvalSettings = EvalSettings(
     return records
 
 
-def prompt_standard_error(records: list[EvalRecord]) -> float:
+def prompt_standard_error(records: list[EvalRecord]) -> float | None:
     """Standard error of the overall accuracy of ``records``, with the prompts as the samples: the seeds of one
     prompt mostly fail together (a held-out pairing the model ties to a trained one is wrong at every seed), so
-    more seeds add little certainty, more prompts add much. NaN for fewer than two prompts."""
+    more seeds add little certainty, more prompts add much. None for fewer than two prompts."""
     by_prompt: dict[str, list[bool]] = {}
     for record in records:
         by_prompt.setdefault(record.prompt, []).extend(record.correct.values())
     means = [float(np.mean(v)) for v in by_prompt.values()]
-    return float(np.std(means, ddof=1) / np.sqrt(len(means))) if len(means) > 1 else float("nan")
+    return float(np.std(means, ddof=1) / np.sqrt(len(means))) if len(means) > 1 else None
 
 
 def summarize(records: list[EvalRecord]) -> dict:
