@@ -6,7 +6,7 @@ import torch
 from easyanimate.data.buckets import (
     ASPECT_RATIO_512, RANDOM_CROP_RATIOS, RANDOM_CROP_WEIGHTS, BucketBatchSampler, BucketCollate, bucket_crop_size,
     candidate_sizes, closest_ratio, downsample_choices, frame_crop_choices, frames_for_size, latent_tokens,
-    pixel_budget, replication_factor,
+    pixel_budget, replication_factor, round_budgets,
 )
 from easyanimate.data.dataset import DataConfig
 
@@ -105,11 +105,13 @@ def test_sampler_skips_unreadable_entries_and_resumes_and_shards():
     ranks = [list(BucketBatchSampler(entries, 1, seed=0, rank=k, world_size=2)) for k in range(2)]
     interleaved = [r for pair in zip(*ranks) for b in pair for r in b]
     assert interleaved == one
+    # a round is one training step of every process
+    assert [r.round for r in one] == [r.position // 2 for r in one] and one[-1].round > 0
 
 
-def _sample(pixels, position=0, kind="video"):
+def _sample(pixels, position=0, kind="video", round=0):
     return {"pixels": pixels, "text": "t", "data_type": kind, "index": 0, "epoch": 0, "position": position,
-            "failures": []}
+            "round": round, "failures": []}
 
 
 def test_collate_one_shape_per_batch():
@@ -143,3 +145,29 @@ def test_collate_token_length_mode():
         assert (f, h, w) in {(16, 32, 32), (1, 64, 64)}
         assert batch["replicas"] == (2 if f == 1 else 1)  # 4096 px <= budget // 4
     assert len(seen) == 2
+
+
+def test_round_budgets():
+    n = 144
+    assert round_budgets(512, n) == [256**2 * n, 384**2 * n, 512**2 * n]
+    assert round_budgets(600, n) == [256**2 * n, 384**2 * n, 512**2 * n, 600**2 * n]  # the last size appended
+    assert round_budgets(256, n) == round_budgets(64, n) == [256**2 * n]
+
+
+def test_collate_keeps_one_budget_per_round():
+    """``--keep_all_node_same_token_length``: the batches of one round (one per process, different positions)
+    get the same frame cap, drawn from the round budgets: at 512x512 and 16 frames, 256^2 x 16 -> 4 frames,
+    floored to the VAE chunk of 8 -> 0 -> 1 frame; 384^2 x 16 -> 9 -> 8; 512^2 x 16 -> 16."""
+    clip = torch.zeros(16, 512, 512, 3, dtype=torch.uint8)
+    options = dict(image_sample_size=512, video_sample_size=512, token_sample_size=512, video_sample_n_frames=16)
+    plain = BucketCollate(DataConfig(**options), seed=0)
+    kept = BucketCollate(DataConfig(**options, keep_all_node_same_token_length=True), seed=0)
+    frames_per_round = []
+    for round in range(12):
+        frames = {kept([_sample(clip, 2 * round + rank, round=round)])["pixel_values"].shape[1] for rank in range(2)}
+        assert len(frames) == 1, f"round {round}: the two processes train {frames} frames"
+        frames_per_round.append(frames.pop())
+        assert plain([_sample(clip, 2 * round, round=round)])["pixel_values"].shape[1] == 16
+    assert set(frames_per_round) == {1, 8, 16}
+    image = kept([_sample(torch.zeros(1, 512, 512, 3, dtype=torch.uint8), 0, "image", round=0)])
+    assert image["pixel_values"].shape[1] == 1

@@ -325,7 +325,8 @@ def test_lora_trains_saves_and_changes_pipeline_output(tiny_model_dir, data, tmp
 def test_video_token_length_ema_and_checkpointing_options(tiny_model_dir, data, tmp_path):
     args = _args(tiny_model_dir, data, tmp_path, "--train_batch_size", "1", "--max_train_steps", "2",
                  "--checkpointing_steps", "2", "--random_hw_adapt", "--training_with_video_token_length",
-                 "--random_frame_crop", "--motion_sub_loss", "--use_ema", "--gradient_checkpointing",
+                 "--random_frame_crop", "--keep_all_node_same_token_length", "--motion_sub_loss", "--use_ema",
+                 "--gradient_checkpointing",
                  "--precompute_text_embeddings", "--checkpoints_total_limit", "1")
     args[args.index("--train_data_meta") + 1] = str(data / "video_meta.json")
     result = train(parse_args(args))

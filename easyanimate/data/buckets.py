@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .dataset import DataConfig, SampleRef, probe_size
 from .masks import random_mask
-from .seeding import BATCH, MASK, keyed_rng
+from .seeding import BATCH, MASK, ROUND_BUDGET, keyed_rng
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,24 @@ def candidate_sizes(video_sample_size: int, image_sample_size: int) -> list[int]
 
 def frames_for_size(size: int, budget: int, n_frames: int, interval: int) -> int:
     """Frames a ``size x size`` clip may have within ``budget``, floored to the VAE chunk ``interval``."""
-    return int(min(budget / size**2, n_frames) // interval) * interval
+    return frames_for_area(size**2, budget, n_frames, interval)
+
+
+def frames_for_area(area: int, budget: int, n_frames: int, interval: int) -> int:
+    """Frames of ``area`` pixels each that fit in ``budget``, at most ``n_frames``, floored to ``interval``."""
+    return int(min(budget / area, n_frames) // interval) * interval
+
+
+def round_budgets(token_sample_size: int, n_frames: int) -> list[int]:
+    """``--keep_all_node_same_token_length``: the pixel budgets a training round draws from, ``s * s * n_frames``
+    for s = 256, 384, ... up to ``token_sample_size`` (appended when the step misses it); only s = 256 when
+    ``token_sample_size <= 256``."""
+    sizes = [256]
+    if token_sample_size > 256:
+        sizes = list(range(256, token_sample_size + 1, 128))
+        if sizes[-1] != token_sample_size:
+            sizes.append(token_sample_size)
+    return [s * s * n_frames for s in sizes]
 
 
 def replication_factor(budget: int, frames: int, height: int, width: int) -> int:
@@ -189,7 +206,7 @@ class BucketBatchSampler:
             batch_number += self.world_size
             round_batches = []
             if round_number >= self.skip_rounds:
-                yield [SampleRef(i, self.epoch, first + k) for k, i in enumerate(mine)]
+                yield [SampleRef(i, self.epoch, first + k, round_number) for k, i in enumerate(mine)]
         self.skip_rounds = 0
 
 
@@ -228,6 +245,7 @@ class BucketCollate:
         self.seed = int(seed)
         self.budget = pixel_budget(config.video_sample_n_frames, config.token_sample_size)
         self.sizes = candidate_sizes(config.video_sample_size, config.image_sample_size)
+        self.round_budgets = round_budgets(config.token_sample_size, config.video_sample_n_frames)
 
     def _base_size_and_frame_cap(self, data_type: str, samples: list[dict], rng: np.random.Generator):
         cfg = self.config
@@ -272,6 +290,13 @@ class BucketCollate:
         if cfg.random_frame_crop and data_type == "video":
             choices, probs = frame_crop_choices(cfg.video_sample_n_frames, interval)
             frames = min(frames, choices[rng.choice(len(choices), p=probs)])
+        if cfg.keep_all_node_same_token_length:
+            # keyed by the round, not the batch: every process draws the same budget for this step, so no process
+            # waits for one that drew a longer clip (images keep their single frame)
+            draw = keyed_rng(self.seed, ROUND_BUDGET, first["epoch"], first["round"]).integers(len(self.round_budgets))
+            budget = self.round_budgets[int(draw)]
+            cap = frames_for_area(crop[0] * crop[1], budget, cfg.video_sample_n_frames, interval)
+            frames = min(frames, max(1, cap))
 
         pixel_values = torch.stack([_resize_cover_crop(s["pixels"][:frames], crop) for s in samples])
         batch = {

@@ -54,6 +54,8 @@ class DataConfig:
     training_with_video_token_length: bool = False
     random_ratio_crop: bool = False
     random_frame_crop: bool = False
+    # every process trains the same step at the same pixel budget (equal step times across nodes)
+    keep_all_node_same_token_length: bool = False
     enable_inpaint: bool = False
     # probabilities of the five inpaint mask types for videos (masks.MASK_TYPE_NAMES order)
     video_mask_probs: tuple[float, ...] = VIDEO_MASK_PROBS
@@ -88,11 +90,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class SampleRef:
     """What the batch sampler hands to the dataset: the metadata index plus the key of the sample's randomness
-    (``epoch`` and its global ``position`` in that epoch's batch sequence)."""
+    (``epoch`` and its global ``position`` in that epoch's batch sequence), and the ``round`` of its batch (the
+    batches of one round are trained at the same step, one per process)."""
 
     index: int
     epoch: int = 0
     position: int = 0
+    round: int = 0
 
 
 def compose_entries(entries: Sequence[dict], video_repeat: int) -> list[dict]:
@@ -257,6 +261,7 @@ class VideoImageDataset(torch.utils.data.Dataset):
             "index": index,
             "epoch": ref.epoch,
             "position": ref.position,
+            "round": ref.round,
             "failures": failures,
         }
 

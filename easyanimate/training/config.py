@@ -41,6 +41,8 @@ class TrainConfig:
     enable_bucket: bool = _f(True, "aspect-ratio buckets (off: square centre crops at video_sample_size)")
     random_ratio_crop: bool = _f(False, "draw the crop bucket from the 15 random-crop ratios")
     random_frame_crop: bool = _f(False, "randomly shorten clips (full length with probability 0.9)")
+    keep_all_node_same_token_length: bool = _f(False, "every process trains a step at the same pixel budget, drawn per "
+                                               "step from 256^2..token_sample_size^2 x frames (frames capped to it)")
     random_hw_adapt: bool = _f(False, "train at several resolutions")
     training_with_video_token_length: bool = _f(False, "fixed token budget per batch (size/frames trade-off, x2/x4)")
     text_drop_ratio: float = _f(0.0, "probability of an empty caption (V4: 0, never)")
@@ -130,6 +132,7 @@ class TrainConfig:
             training_with_video_token_length=self.training_with_video_token_length,
             random_ratio_crop=self.random_ratio_crop,
             random_frame_crop=self.random_frame_crop,
+            keep_all_node_same_token_length=self.keep_all_node_same_token_length,
             enable_inpaint=self.train_mode == "inpaint",
             video_mask_probs=tuple(self.video_mask_probs),
             text_drop_ratio=self.text_drop_ratio,
