@@ -105,6 +105,34 @@ def test_adaptive_gradient_clip():
     assert adaptive_clip_norm(2000, 0.5, cfg) == pytest.approx(0.005)  # 10x abnormal -> damped 10x
 
 
+def test_came_optimizer_has_the_original_settings():
+    from came_pytorch.CAME import CAME
+
+    from easyanimate.training.trainer import make_optimizer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    cfg = TrainConfig(pretrained_model_name_or_path="m", train_data_meta="d", learning_rate=1e-2, use_came=True,
+                      adam_weight_decay=3e-2)
+    optimizer = make_optimizer([{"params": [layer.weight], "lr": 1e-2}, {"params": [layer.bias], "lr": 5e-3}], cfg)
+    assert isinstance(optimizer, CAME) and [g["lr"] for g in optimizer.param_groups] == [1e-2, 5e-3]
+    for group in optimizer.param_groups:  # spec training §3.8: its own betas and eps, no weight decay
+        assert group["betas"] == (0.9, 0.999, 0.9999) and group["eps"] == (1e-30, 1e-16)
+        assert group["weight_decay"] == 0.0
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 4)
+    losses = []
+    for _ in range(100):
+        loss = ((layer(x) - y) ** 2).mean()
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.2 * losses[0]
+    with pytest.raises(ValueError, match="pass only one"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_meta="d", use_came=True, use_8bit_adam=True)
+
+
 def test_cli_defaults_are_sane():
     cfg = parse_args(["--pretrained_model_name_or_path", "m", "--train_data_meta", "d"])
     assert cfg.video_repeat == 1 and cfg.trainable_modules == ["."] and cfg.seed == 42 and cfg.text_drop_ratio == 0
@@ -322,11 +350,11 @@ def test_lora_trains_saves_and_changes_pipeline_output(tiny_model_dir, data, tmp
     torch.testing.assert_close(run(), plain)
 
 
-def test_video_token_length_ema_and_checkpointing_options(tiny_model_dir, data, tmp_path):
+def test_video_token_length_ema_came_and_checkpointing_options(tiny_model_dir, data, tmp_path):
     args = _args(tiny_model_dir, data, tmp_path, "--train_batch_size", "1", "--max_train_steps", "2",
                  "--checkpointing_steps", "2", "--random_hw_adapt", "--training_with_video_token_length",
                  "--random_frame_crop", "--keep_all_node_same_token_length", "--motion_sub_loss", "--use_ema",
-                 "--gradient_checkpointing",
+                 "--use_came", "--gradient_checkpointing",
                  "--precompute_text_embeddings", "--checkpoints_total_limit", "1")
     args[args.index("--train_data_meta") + 1] = str(data / "video_meta.json")
     result = train(parse_args(args))

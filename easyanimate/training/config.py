@@ -80,6 +80,8 @@ class TrainConfig:
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     use_8bit_adam: bool = _f(False, "bitsandbytes AdamW8bit (needs `pip install bitsandbytes`)")
+    use_came: bool = _f(False, "CAME optimizer with the original's betas (0.9, 0.999, 0.9999), eps (1e-30, 1e-16) and "
+                        "no weight decay (the adam_* settings do not apply)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     abnormal_norm_clip_start: int = _f(1000, "steps of the adaptive clip warm-up")
     initial_grad_norm_ratio: float = _f(5.0, "adaptive clip starts at this multiple of max_grad_norm")
@@ -116,6 +118,8 @@ class TrainConfig:
             raise ValueError("--use_ema averages full transformer weights; it does not apply to --lora training")
         if self.timestep_logit_std <= 0:
             raise ValueError(f"--timestep_logit_std must be > 0, got {self.timestep_logit_std}")
+        if self.use_came and self.use_8bit_adam:
+            raise ValueError("--use_came and --use_8bit_adam each choose the optimizer; pass only one")
         if self.lora and self.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {self.rank}")
 

@@ -121,6 +121,11 @@ def select_trainable(transformer: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.use_came:
+        from came_pytorch.CAME import CAME  # the package's __init__ exports nothing
+
+        # the original's CAME settings; each group keeps its own learning rate
+        return CAME(groups, lr=cfg.learning_rate, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=0.0)
     kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
         try:
