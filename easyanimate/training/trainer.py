@@ -203,9 +203,11 @@ def encode_clip(frozen: FrozenModels, clip_pixels: torch.Tensor, device, dtype) 
     return tokens.to(dtype)
 
 
-def compute_loss(model: nn.Module, transformer: nn.Module, frozen: FrozenModels, objective: DiffusionObjective,
-                 batch: dict, cfg: TrainConfig, device, weight_dtype) -> torch.Tensor:
-    """One training step's loss (spec §3.5-§3.7)."""
+def prepare_batch(transformer: nn.Module, frozen: FrozenModels, objective: DiffusionObjective, batch: dict,
+                  cfg: TrainConfig, device, weight_dtype) -> tuple[torch.Tensor, list, dict]:
+    """The clean latents ``(B * replicas, C, F, h, w)``, the per-sample randomness keys, and the transformer's
+    conditioning keyword arguments (text, image meta size, style, RoPE and in inpaint mode the mask / masked-video
+    latents and CLIP tokens) of one batch (spec §3.5-§3.6)."""
     replicas = int(batch["replicas"])
     base_keys = [(int(batch["epoch"]), int(p)) for p in batch["positions"]]
     keys = [(*k, r) for k in base_keys for r in range(replicas)]  # x2/x4 token-length replication, sample-major
@@ -241,27 +243,32 @@ def compute_loss(model: nn.Module, transformer: nn.Module, frozen: FrozenModels,
             extra["clip_encoder_hidden_states"] = clip_tokens.repeat_interleave(replicas, 0)
             extra["clip_attention_mask"] = clip_keep_mask(keys, seed, transformer.config.n_query).to(device, weight_dtype)
 
-    noise = objective.sample_noise(latents.shape[1:], keys, device=device)
-    timesteps = objective.sample_timesteps(keys, device=device)
-    noisy, target = objective.noisy_latents_and_target(latents, noise, timesteps)
-
     from ..models.rope import rope_for_size
 
     height, width = pixels.shape[-2:]
-    batch_size = noisy.shape[0]
-    output = model(
-        hidden_states=noisy.to(weight_dtype),
-        timestep=timesteps.to(weight_dtype),
+    rows = latents.shape[0]
+    conditioning = dict(
         encoder_hidden_states=bert,
         text_embedding_mask=bert_mask,
         encoder_hidden_states_t5=t5,
         text_embedding_mask_t5=t5_mask,
-        image_meta_size=torch.tensor([[1024, 1024, height, width, 0, 0]] * batch_size, device=device, dtype=weight_dtype),
-        style=torch.zeros(batch_size, dtype=torch.long, device=device),
+        image_meta_size=torch.tensor([[1024, 1024, height, width, 0, 0]] * rows, device=device, dtype=weight_dtype),
+        style=torch.zeros(rows, dtype=torch.long, device=device),
         image_rotary_emb=rope_for_size(height, width, transformer.config.attention_head_dim,
                                        patch_size=transformer.config.patch_size),
         **extra,
     )
+    return latents, keys, conditioning
+
+
+def compute_loss(model: nn.Module, transformer: nn.Module, frozen: FrozenModels, objective: DiffusionObjective,
+                 batch: dict, cfg: TrainConfig, device, weight_dtype) -> torch.Tensor:
+    """One training step's loss (spec §3.5-§3.7)."""
+    latents, keys, conditioning = prepare_batch(transformer, frozen, objective, batch, cfg, device, weight_dtype)
+    noise = objective.sample_noise(latents.shape[1:], keys, device=device)
+    timesteps = objective.sample_timesteps(keys, device=device)
+    noisy, target = objective.noisy_latents_and_target(latents, noise, timesteps)
+    output = model(hidden_states=noisy.to(weight_dtype), timestep=timesteps.to(weight_dtype), **conditioning)
     return objective.loss(output, target)
 
 
