@@ -18,7 +18,7 @@ from easyanimate.utils.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaErro
 
 # The original's sampler names (easyanimate.pipeline.SAMPLERS has the classes; kept here so --help and input checks
 # need no heavy imports; a test keeps the two in sync).
-SAMPLER_NAMES = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")
+SAMPLER_NAMES = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM", "LCM")
 MEMORY_MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MODEL = "models/EasyAnimateV4-demo"  # the small shipped demo (scripts/train_demo.sh); pass the released folder for V4

@@ -27,6 +27,7 @@ leaves float rounding residue (large in bf16). The copies cost as much memory as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -397,6 +398,17 @@ class LoRANetwork(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    @contextlib.contextmanager
+    def detached(self):
+        """Inside the block the base model runs without the adapters (the teacher of LCM distillation)."""
+        attached = bool(self._handles)
+        self.remove()
+        try:
+            yield self
+        finally:
+            if attached:
+                self.apply_to()
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier

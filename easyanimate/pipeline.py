@@ -48,6 +48,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
 )
 from diffusers.utils import BaseOutput
@@ -64,6 +65,7 @@ SAMPLERS = {
     "DPM++": DPMSolverMultistepScheduler,
     "PNDM": PNDMScheduler,
     "DDIM": DDIMScheduler,
+    "LCM": LCMScheduler,  # for a model with an LCM-LoRA (train.py --lcm_distillation): 2-8 steps, guidance 1
 }
 
 # The original applies these from its V4 yaml on top of transformer/config.json (spec §1.1, §3).
@@ -312,8 +314,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ samplers
     def set_sampler(self, name: str) -> None:
-        """Choose the sampler by the original's name: "Euler", "Euler A", "DPM++", "PNDM" or "DDIM". Each is built
-        from the folder's scheduler config; keys a class does not know take that class's defaults."""
+        """Choose the sampler by the original's name: "Euler", "Euler A", "DPM++", "PNDM" or "DDIM", or "LCM" for
+        a model with an LCM-LoRA. Each is built from the folder's scheduler config; keys a class does not know take
+        that class's defaults."""
         self.scheduler = _make_scheduler(name, self._sampler_config)
         self.sampler = name
 

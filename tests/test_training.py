@@ -406,6 +406,22 @@ def test_lora_script_defaults(tmp_path):
     assert parse_args([a for a in args[args.index("train.py") + 1 :] if a != ""]).lora
 
 
+def test_lcm_lora_script_defaults(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "accelerate").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (fake / "accelerate").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", ARGS_OUT=str(tmp_path / "args"), NUM_GPUS="1")
+    subprocess.run(["bash", str(REPO / "scripts" / "train_lcm_lora.sh")], env=env, check=True, capture_output=True,
+                   timeout=60)
+    args = (tmp_path / "args").read_text().split("\n")
+    cfg = parse_args([a for a in args[args.index("train.py") + 1 :] if a != ""])
+    assert cfg.lora and cfg.lcm_distillation and (cfg.rank, cfg.network_alpha) == (64, 64)  # spec training §4.4
+    assert (cfg.video_sample_size, cfg.video_sample_n_frames, cfg.train_batch_size) == (256, 32, 8)
+    assert cfg.learning_rate == 1e-4 and cfg.checkpoints_total_limit == 2 and cfg.validation_steps == 100
+    assert (cfg.lcm_w_min, cfg.lcm_w_max, cfg.lcm_num_ddim_timesteps) == (5.0, 15.0, 50)
+
+
 def test_trainable_modules_select_parameters_by_name(tiny_model_dir):
     from easyanimate.models.transformer import HunyuanTransformer3DModel
     from easyanimate.training.trainer import select_trainable

@@ -95,6 +95,15 @@ class TrainConfig:
     lora: bool = _f(False, "train a LoRA instead of the transformer weights")
     rank: int = _f(128, "LoRA rank")
     network_alpha: float = _f(64.0, "LoRA alpha (scale = alpha / rank)")
+    # LCM-LoRA distillation (the original's train_lcm_lora.py; its flag names in brackets)
+    lcm_distillation: bool = _f(False, "distil the model into an LCM-LoRA for 2-8 step sampling (needs --lora; the "
+                                "original used rank 64, alpha 64)")
+    lcm_num_ddim_timesteps: int = _f(50, "points of the teacher's DDIM grid [--num_ddim_timesteps]")
+    lcm_w_min: float = _f(5.0, "smallest distilled guidance scale w [--w_min]")
+    lcm_w_max: float = _f(15.0, "largest distilled guidance scale w [--w_max]")
+    lcm_timestep_scaling: float = _f(10.0, "timestep scale of the boundary conditions [--timestep_scaling_factor]")
+    lcm_loss_type: str = _f("l2", "distillation loss [--loss_type]", choices=["l2", "huber"])
+    lcm_huber_c: float = _f(0.001, "pseudo-Huber constant [--huber_c]")
     # bookkeeping
     seed: int = _f(42, "seed of every random choice")
     checkpointing_steps: int = _f(500, "save a checkpoint every N optimizer steps")
@@ -118,6 +127,9 @@ class TrainConfig:
             raise ValueError("--use_ema averages full transformer weights; it does not apply to --lora training")
         if self.timestep_logit_std <= 0:
             raise ValueError(f"--timestep_logit_std must be > 0, got {self.timestep_logit_std}")
+        if self.lcm_distillation and not self.lora:
+            raise ValueError("--lcm_distillation trains a LoRA student next to the frozen teacher; add --lora "
+                             "(the original: --rank 64 --network_alpha 64)")
         if self.use_came and self.use_8bit_adam:
             raise ValueError("--use_came and --use_8bit_adam each choose the optimizer; pass only one")
         if self.lora and self.rank < 1:

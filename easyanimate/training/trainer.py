@@ -29,6 +29,7 @@ from ..data.metadata import load_metadata
 from ..data.seeding import POSTERIOR, keyed_randn
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
+from .lcm import LCMDistillation
 from .objective import DiffusionObjective, clip_keep_mask, inpaint_condition_flags
 
 logger = logging.getLogger(__name__)
@@ -261,6 +262,30 @@ def prepare_batch(transformer: nn.Module, frozen: FrozenModels, objective: Diffu
     return latents, keys, conditioning
 
 
+def compute_lcm_loss(model: nn.Module, transformer: nn.Module, lora_network, frozen: FrozenModels,
+                     distillation: LCMDistillation, batch: dict, cfg: TrainConfig, device, weight_dtype) -> torch.Tensor:
+    """One LCM distillation step (spec §4.4): the LoRA student against the guided, frozen teacher. The
+    unconditional input has empty captions and no CLIP image tokens; the inpaint latents stay."""
+    latents, keys, conditioning = prepare_batch(transformer, frozen, distillation.objective, batch, cfg, device,
+                                                weight_dtype)
+    with torch.no_grad():
+        bert, bert_mask, t5, t5_mask = encode_text(frozen, [""] * latents.shape[0], device, weight_dtype)
+    unconditional = {**conditioning, "encoder_hidden_states": bert, "text_embedding_mask": bert_mask,
+                     "encoder_hidden_states_t5": t5, "text_embedding_mask_t5": t5_mask}
+    for key in ("clip_encoder_hidden_states", "clip_attention_mask"):
+        if key in unconditional:
+            unconditional[key] = torch.zeros_like(unconditional[key])
+
+    def student(x, t, inputs):
+        return model(hidden_states=x, timestep=t, **inputs)
+
+    def teacher(x, t, inputs):
+        with lora_network.detached():
+            return transformer(hidden_states=x, timestep=t, **inputs, return_dict=False)[0]
+
+    return distillation.loss(student, teacher, latents, keys, conditioning, unconditional, weight_dtype)
+
+
 def compute_loss(model: nn.Module, transformer: nn.Module, frozen: FrozenModels, objective: DiffusionObjective,
                  batch: dict, cfg: TrainConfig, device, weight_dtype) -> torch.Tensor:
     """One training step's loss (spec §3.5-§3.7)."""
@@ -326,6 +351,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         noise_share_in_frames_ratio=cfg.noise_share_in_frames_ratio if cfg.noise_share_in_frames else 0.0,
         timestep_logit_mean=cfg.timestep_logit_mean, timestep_logit_std=cfg.timestep_logit_std,
     )
+    distillation = None
+    if cfg.lcm_distillation:
+        distillation = LCMDistillation(
+            objective, num_ddim_timesteps=cfg.lcm_num_ddim_timesteps, w_min=cfg.lcm_w_min, w_max=cfg.lcm_w_max,
+            timestep_scaling=cfg.lcm_timestep_scaling, loss_type=cfg.lcm_loss_type, huber_c=cfg.lcm_huber_c)
+        frozen.pipeline.set_sampler("LCM")  # validation samples: few steps, no classifier-free guidance
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
@@ -346,7 +377,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     if cfg.precompute_text_embeddings:
         frozen.text_cache = {}
-        captions = sorted({e["text"] for e in entries} | ({""} if cfg.text_drop_ratio > 0 else set()))
+        uses_empty = cfg.text_drop_ratio > 0 or cfg.lcm_distillation  # LCM: the teacher's unconditional input
+        captions = sorted({e["text"] for e in entries} | ({""} if uses_empty else set()))
         for start in tqdm(range(0, len(captions), 64), desc="text embeddings", disable=not accelerator.is_main_process):
             encode_text(frozen, captions[start : start + 64], "cpu", weight_dtype)
         # free accelerator memory; validation moves them back for its prompts
@@ -429,7 +461,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 write_sanity_check(batch, output_dir / "sanity_check")
             model.train()
             with accelerator.accumulate(model):
-                loss = compute_loss(model, transformer, frozen, objective, batch, cfg, device, weight_dtype)
+                if distillation is not None:
+                    loss = compute_lcm_loss(model, transformer, lora_network, frozen, distillation, batch, cfg,
+                                            device, weight_dtype)
+                else:
+                    loss = compute_loss(model, transformer, frozen, objective, batch, cfg, device, weight_dtype)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and not use_deepspeed:
                     # full fine-tunes use the original's adaptive clip value, LoRA a plain one
@@ -567,7 +603,7 @@ def render_validation(frozen: FrozenModels, transformer: nn.Module, ema, cfg: Tr
                 for length, name in ((frames, f"sample-{step}-{i}.gif"), (1, f"sample-{step}-image-{i}.gif")):
                     video = pipe(prompt, negative_prompt=VALIDATION_NEGATIVE_PROMPT, height=size, width=size,
                                  video_length=length, num_inference_steps=cfg.validation_inference_steps,
-                                 guidance_scale=7.0, generator=generator).videos
+                                 guidance_scale=1.0 if cfg.lcm_distillation else 7.0, generator=generator).videos
                     saved.append(save_video(video, output_dir / "sample" / name, fps=8))
     except Exception:
         logger.exception("validation sampling failed at step %d (training continues)", step)

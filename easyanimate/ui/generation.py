@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from easyanimate.cli import SAMPLER_NAMES
 from easyanimate.data.buckets import bucket_crop_size, closest_ratio
 from easyanimate.ui.safety import (
     NONE_CHOICE,
@@ -43,7 +44,7 @@ IMAGE_TO_VIDEO = "Image to Video"
 VIDEO_TO_VIDEO = "Video to Video"
 LONG_VIDEO = "Long Video"
 KINDS = (TEXT_TO_VIDEO, TEXT_TO_IMAGE, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, LONG_VIDEO)
-SAMPLERS = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")
+SAMPLERS = SAMPLER_NAMES
 BASE_RESOLUTIONS = (512, 768, 960)
 
 SIZE_RANGE = (64, 2048)  # pixels, multiples of 16
