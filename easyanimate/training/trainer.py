@@ -3,7 +3,8 @@
 Read :func:`train` top to bottom: load the model folder, build the data, choose what trains, optimise, and
 every N steps log, checkpoint and render validation samples. One training step (:func:`compute_loss`) encodes
 the batch with the frozen VAE / text encoders / CLIP image encoder and regresses the transformer's output on
-the v-prediction target (:mod:`easyanimate.training.objective`).
+the v-prediction target (:mod:`easyanimate.training.objective`), or with ``--lcm_distillation`` distils the
+frozen model into an LCM-LoRA (:mod:`easyanimate.training.lcm`).
 
 Randomness (frame windows, masks, noise, timesteps, VAE posterior samples, CLIP drop) is keyed per sample, so a
 resumed run reproduces the uninterrupted one and N processes reproduce one process with the same global batch.
