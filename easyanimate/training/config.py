@@ -98,7 +98,8 @@ class TrainConfig:
     # LCM-LoRA distillation (the original's train_lcm_lora.py; its flag names in brackets)
     lcm_distillation: bool = _f(False, "distil the model into an LCM-LoRA for 2-8 step sampling (needs --lora; the "
                                 "original used rank 64, alpha 64)")
-    lcm_num_ddim_timesteps: int = _f(50, "points of the teacher's DDIM grid [--num_ddim_timesteps]")
+    lcm_num_ddim_timesteps: int = _f(50, "points of the teacher's DDIM grid [--num_ddim_timesteps]; the LCM sampler "
+                                     "assumes 50 (its original_inference_steps)")
     lcm_w_min: float = _f(5.0, "smallest distilled guidance scale w [--w_min]")
     lcm_w_max: float = _f(15.0, "largest distilled guidance scale w [--w_max]")
     lcm_timestep_scaling: float = _f(10.0, "timestep scale of the boundary conditions [--timestep_scaling_factor]")
