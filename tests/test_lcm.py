@@ -1,9 +1,13 @@
 """LCM-LoRA distillation (spec training §4.4): solver, boundary scalings and loss against diffusers and an exact
 denoiser; a short distillation run through train.py; the LCM sampler."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+from PIL import Image
 
 from easyanimate.training.lcm import DDIMSolver, LCMDistillation, boundary_scalings, predicted_x0_and_noise
 from easyanimate.training.objective import DiffusionObjective
@@ -99,10 +103,6 @@ def test_draws_are_keyed_per_sample_and_in_range():
 
 
 def test_lcm_distillation_run_trains_a_lora_for_the_lcm_sampler(tiny_model_dir, tmp_path):
-    from PIL import Image
-    import json
-    import numpy as np
-
     from easyanimate.pipeline import EasyAnimatePipeline
     from easyanimate.training.config import parse_args
     from easyanimate.training.trainer import train
