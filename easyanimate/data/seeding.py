@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 # purposes (small ints so they fit in a SeedSequence entropy list)
-FRAMES, REPLACE, MASK, BATCH, TEXT_DROP, NOISE, TIMESTEP, POSTERIOR, CLIP_DROP, T2V_FLAG, ROUND_BUDGET, LCM_DRAW = range(12)
+(FRAMES, REPLACE, MASK, BATCH, TEXT_DROP, NOISE, TIMESTEP, POSTERIOR, CLIP_DROP, T2V_FLAG, ROUND_BUDGET,
+ LCM_DRAW) = range(12)
 
 
 def seed_for(*keys: int) -> int:
