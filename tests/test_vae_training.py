@@ -148,6 +148,8 @@ def test_clear_errors_for_bad_settings(data, tmp_path, vae_config):
         train(settings(data, tmp_path, vae_config=str(vae_config), mixed_precision="bf16", max_train_steps=1))
     with pytest.raises(ValueError, match="video_len=25"):
         train(settings(data, tmp_path, vae_config=str(vae_config), video_len=25, max_train_steps=1))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be >= 1"):
+        settings(data, tmp_path, vae_config=str(vae_config), gradient_accumulation_steps=0).validate()
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -161,6 +163,47 @@ def test_reconstruction_loss_falls(data, tmp_path, vae_config):
     losses = [r["rec_loss"] for r in result.history]
     assert len(losses) == 30 and all(r["batch_type"] == "video" for r in result.history)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_gradient_accumulation_steps_the_mean_gradient_of_micro_batches(data, tmp_path, vae_config):
+    """``gradient_accumulation_steps`` 2: each Adam step takes the mean gradient of the next two micro-batches of
+    the stream, each with its own posterior noise (the same run written out by hand), and a resumed run continues
+    with the micro-batches the uninterrupted one would have drawn."""
+    from easyanimate.data.seeding import POSTERIOR
+    from easyanimate.training.vae_trainer import Reconstruct, build_loss, build_vae, make_dataloader, select_trainable
+
+    cfg = settings(data, tmp_path / "run", vae_config=str(vae_config), batch_size=1, gradient_accumulation_steps=2,
+                   disc_weight=0.0, kl_weight=1e-3, max_train_steps=2, checkpointing_steps=1)
+    result = train(cfg)
+    assert [r["step"] for r in result.history] == [1, 2]
+
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg).train()
+    trainable, last_layer = select_trainable(vae, cfg.train_mode)
+    loss_fn = build_loss(cfg)
+    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    batches = iter(make_dataloader(cfg, vae.config.mini_batch_encoder, 0, 0, 1))
+    reconstruct = Reconstruct(vae)
+    for step in range(2):
+        optimizer.zero_grad()
+        rec_losses = []
+        for micro in range(2):
+            pixels = next(batches)["pixels"]
+            reconstruction, mean, logvar = reconstruct(pixels, (cfg.seed, POSTERIOR, 2 * step + micro, 0))
+            loss, logs = loss_fn.generator_loss(pixels, reconstruction, mean, logvar, step, last_layer, None)
+            (loss / 2).backward()
+            rec_losses.append(float(logs["rec_loss"]))
+        optimizer.step()
+        assert result.history[step]["rec_loss"] == pytest.approx(np.mean(rec_losses), rel=1e-5)
+    expected, trained = vae.state_dict(), result.vae.state_dict()
+    assert all(torch.allclose(expected[k], trained[k], atol=1e-6) for k in expected)
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(Path(cfg.output_dir) / "checkpoint-1", resumed_dir / "checkpoint-1")
+    resumed = train(load_config(None, {**vars(cfg), "output_dir": str(resumed_dir), "resume_from_checkpoint": "latest"}))
+    again = resumed.vae.state_dict()
+    assert all(torch.allclose(trained[k], again[k], atol=1e-6) for k in trained)
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,18 @@
 """Training the video VAE with accelerate (spec vae.md §6).
 
-One step, for one homogeneous batch of images (T = 1) or clips:
+One step, for ``gradient_accumulation_steps`` micro-batches (each all images (T = 1) or all clips):
 
-1. autoencoder step: encode, sample the posterior, decode; ``nll + kl_weight * kl`` and, from ``disc_start`` on,
-   the adaptively weighted GAN term (:class:`~easyanimate.training.vae_losses.VAELoss`); Adam step.
-2. discriminator step (from ``disc_start`` on): hinge loss of the 2D and 3D discriminators on the real batch and
-   the reconstructions of step 1; Adam step.
+1. autoencoder step: per micro-batch encode, sample the posterior, decode; ``nll + kl_weight * kl`` and, from
+   ``disc_start`` on, the adaptively weighted GAN term (:class:`~easyanimate.training.vae_losses.VAELoss`); Adam
+   step on the mean gradient.
+2. discriminator step (from ``disc_start`` on): hinge loss of the 2D and 3D discriminators on the real
+   micro-batches and their reconstructions of step 1; Adam step on the mean gradient.
 
 Unlike the original (PyTorch Lightning), step 2 reuses the reconstructions of step 1 instead of running the whole
 VAE a second time; the discriminator then sees the reconstructions of the weights before the step-1 update rather
 than after it, a one-step lag that saves a third of the compute once the GAN is on.
 
-Randomness (data crops, posterior noise) is keyed by the step, so a resumed run continues exactly as the
+Randomness (data crops, posterior noise) is keyed by the micro-batch, so a resumed run continues exactly as the
 uninterrupted one. Output: checkpoints ``output_dir/checkpoint-{step}`` (each with a ``vae/`` folder) and the final
 ``output_dir/vae`` (``config.json`` + ``diffusion_pytorch_model.safetensors``), loadable by
 ``AutoencoderKLMagvit.from_pretrained``; with EMA on, ``vae/`` holds the EMA weights.
@@ -19,6 +20,7 @@ uninterrupted one. Output: checkpoints ``output_dir/checkpoint-{step}`` (each wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -70,6 +72,8 @@ class VAETrainConfig:
     min_crop: float = 0.25
     max_crop: float = 1.0
     batch_size: int = 1
+    # micro-batches per optimizer step: the effective batch is batch_size x this x processes
+    gradient_accumulation_steps: int = 1
     num_workers: int = 2
     # optimisation
     max_train_steps: int = 100_000
@@ -129,7 +133,8 @@ class VAETrainConfig:
                 f"size={self.size} is too small for the {self.disc_frame_layers}-layer frame discriminator; it needs "
                 f"size >= {3 * 2**self.disc_frame_layers} (or fewer disc_frame_layers)"
             )
-        for name in ("max_train_steps", "batch_size", "checkpointing_steps", "log_every", "image_log_every"):
+        for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every",
+                     "image_log_every"):
             if getattr(self, name) < 1:
                 raise VAEConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -401,7 +406,9 @@ def train(cfg: VAETrainConfig) -> TrainResult:
             logger.info("nothing to do: the checkpoint is at step %d >= max_train_steps", start_step)
     checkpoint_state = {"ema": ema is not None}
 
-    loader = make_dataloader(cfg, frame_multiple, start_step, accelerator.process_index, accelerator.num_processes)
+    accum = cfg.gradient_accumulation_steps
+    loader = make_dataloader(cfg, frame_multiple, start_step * accum, accelerator.process_index,
+                             accelerator.num_processes)
     if accelerator.is_main_process:
         accelerator.init_trackers("vae", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
@@ -413,37 +420,53 @@ def train(cfg: VAETrainConfig) -> TrainResult:
     batches = iter(loader)
     with StopRequest() as stop:
         while step < cfg.max_train_steps:
-            batch = next(batches)
-            pixels = batch["pixels"].to(device)
             disc_on = loss_fn.disc_active(step)
+            micro_logs, kinds, reconstructed = [], [], []
 
-            # 1. autoencoder
-            with accelerator.autocast():
-                noise_key = (cfg.seed, POSTERIOR, step, accelerator.process_index)
-                reconstruction, mean, logvar = reconstruct(pixels, noise_key)
-                if disc_module is not None:
-                    disc_module.requires_grad_(False)  # the GAN term must not train the discriminators
-                loss, logs = loss_fn.generator_loss(pixels, reconstruction, mean, logvar, step, last_layer, disc_module)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"step {step}: the VAE loss is {loss.item()} ({ {k: float(v) for k, v in logs.items()} }); "
-                    "lower the learning rate, or use bf16 / fp32 instead of fp16"
-                )
+            # 1. autoencoder: the mean gradient of ``accum`` micro-batches (gradients synchronised across
+            #    processes only on the last one)
             opt_ae.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+            for micro in range(accum):
+                batch = next(batches)
+                pixels = batch["pixels"].to(device)
+                kinds.append(batch["type"])
+                last = micro == accum - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(reconstruct):
+                    with accelerator.autocast():
+                        # keyed by micro-batch: with one micro-batch per step the key is the step, as before
+                        noise_key = (cfg.seed, POSTERIOR, step * accum + micro, accelerator.process_index)
+                        reconstruction, mean, logvar = reconstruct(pixels, noise_key)
+                        if disc_module is not None:
+                            disc_module.requires_grad_(False)  # the GAN term must not train the discriminators
+                        loss, logs = loss_fn.generator_loss(pixels, reconstruction, mean, logvar, step, last_layer,
+                                                            disc_module)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"step {step}: the VAE loss is {loss.item()} "
+                            f"({ {k: float(v) for k, v in logs.items()} }); "
+                            "lower the learning rate, or use bf16 / fp32 instead of fp16"
+                        )
+                    accelerator.backward(loss / accum)
+                micro_logs.append(logs)
+                if disc_on or last:  # the discriminators train on every micro-batch; the image log shows the last
+                    reconstructed.append((pixels, reconstruction.detach()))
             opt_ae.step()
             if ema is not None:
                 ema.step(vae_module.parameters())
 
-            # 2. discriminators
+            # 2. discriminators, on the same micro-batches and their reconstructions
             if disc_on:
                 disc_module.requires_grad_(True)
-                with accelerator.autocast():
-                    d_loss, d_logs = loss_fn.discriminator_loss(pixels, reconstruction, discriminators)
                 opt_disc.zero_grad(set_to_none=True)
-                accelerator.backward(d_loss)
+                for micro, (real, fake) in enumerate(reconstructed):
+                    with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(discriminators):
+                        with accelerator.autocast():
+                            d_loss, d_logs = loss_fn.discriminator_loss(real, fake, discriminators)
+                        accelerator.backward(d_loss / accum)
+                    micro_logs[micro] = {**micro_logs[micro], **d_logs}
                 opt_disc.step()
-                logs.update(d_logs)
+            logs = {key: sum(float(m[key]) for m in micro_logs) / accum for key in micro_logs[0]}
+            pixels, reconstruction = reconstructed[-1]
 
             step += 1
             progress.update(1)
@@ -451,11 +474,11 @@ def train(cfg: VAETrainConfig) -> TrainResult:
                 record = {k: float(v) for k, v in logs.items()}
                 accelerator.log({f"train/{k}": v for k, v in record.items()}, step=step)
                 progress.set_postfix(rec=f"{record['rec_loss']:.4f}", kl=f"{record['kl_loss']:.1f}")
-                history.append({**record, "step": step, "batch_type": batch["type"]})
+                history.append({**record, "step": step, "batch_type": "+".join(sorted(set(kinds)))})
             if accelerator.is_main_process and (step % cfg.image_log_every == 0 or step == cfg.max_train_steps):
                 writer = accelerator.get_tracker("tensorboard", unwrap=True)
                 grid = reconstruction_grid(pixels, reconstruction.detach())
-                writer.add_image(f"reconstruction/{batch['type']}", grid, step)
+                writer.add_image(f"reconstruction/{kinds[-1]}", grid, step)
             stopping = stop.agreed(accelerator)
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or stopping:
                 save_checkpoint(
