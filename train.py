@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the EasyAnimate V4 transformer (full fine-tune, or LoRA with --lora). See docs/training.md.
+"""Train the EasyAnimate V4 transformer (full fine-tune, or LoRA with --lora). See README.md, "Training the transformer".
 
     accelerate launch --mixed_precision bf16 train.py --pretrained_model_name_or_path models/EasyAnimateV4-XL-2-InP \
         --train_data_meta datasets/metadata.json --train_data_dir datasets/ --output_dir output_dir ...

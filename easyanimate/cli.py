@@ -74,6 +74,12 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                        help="GPU memory saving: model_cpu_offload keeps idle models on the CPU (the original's "
                             "default); sequential_cpu_offload streams every layer (slowest, least memory); "
                             "ignored on CPU")
+    model.add_argument("--transformer-path", type=Path, default=None,
+                       help="transformer weights to use instead of the model folder's: a .safetensors file or a "
+                            "folder, e.g. train.py's OUTPUT_DIR/transformer (all keys must match)")
+    model.add_argument("--vae-path", type=Path, default=None,
+                       help="VAE weights to use instead of the model folder's: a .safetensors file or a folder, "
+                            "e.g. train_vae.py's OUTPUT_DIR/vae (all keys must match)")
     model.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles to save memory")
     model.add_argument("--lora", type=Path, default=None, help="LoRA file (.safetensors) to merge into the model")
     model.add_argument("--lora-weight", type=float, default=0.6, help="strength of the LoRA")
@@ -169,6 +175,9 @@ def validate(task: str, args: argparse.Namespace) -> Job:
         raise InputError(f"{model} is not an EasyAnimate V4 model folder: missing {', '.join(missing)}")
     if args.lora is not None and not args.lora.is_file():
         raise InputError(f"LoRA file not found: {args.lora}")
+    for flag, path in (("--transformer-path", args.transformer_path), ("--vae-path", args.vae_path)):
+        if path is not None and not path.exists():
+            raise InputError(f"{flag} {path}: no such file or folder")
 
     if task == "v2v" and not 0.0 < args.strength <= 1.0:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
@@ -213,10 +222,12 @@ def _torch_dtype(name: str):
 
 
 def load_pipeline(args: argparse.Namespace):
-    """Load the pipeline with the LoRA merged and the memory mode applied (LoRA first: offload hooks move weights)."""
+    """Load the pipeline with replacement weights loaded, the LoRA merged and the memory mode applied (weights
+    first: offload hooks move them)."""
     import torch
 
     from easyanimate.pipeline import EasyAnimatePipeline, default_dtype
+    from easyanimate.utils.weights import load_weights_into
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     offload = args.memory_mode != "none" and device.type == "cuda"
@@ -225,6 +236,10 @@ def load_pipeline(args: argparse.Namespace):
     pipe = EasyAnimatePipeline.from_pretrained(
         args.model, torch_dtype=dtype, sampler=args.sampler, device="cpu" if offload else device
     )
+    if args.transformer_path is not None:
+        load_weights_into(pipe.transformer, args.transformer_path)
+    if args.vae_path is not None:
+        load_weights_into(pipe.vae, args.vae_path, ignore_prefixes=("loss.",))
     if args.lora is not None:
         pipe.load_lora(args.lora, args.lora_weight)
     if offload:
@@ -277,8 +292,13 @@ def main(task: str, argv: list[str] | None = None) -> Path:
 
     from easyanimate.utils.video_io import save_video
 
+    from easyanimate.utils.weights import CheckpointError
+
     start = time.time()
-    pipe = load_pipeline(args)
+    try:
+        pipe = load_pipeline(args)
+    except CheckpointError as exc:  # a corrupt or mismatched weights file: say which and why, no traceback
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(f"loaded {args.model} in {time.time() - start:.1f}s", file=sys.stderr)
     videos = generate(task, job, pipe)
     path = save_video(videos, job.output, fps=args.fps)

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 from ..data.dataset import DataConfig
 from ..data.masks import VIDEO_MASK_PROBS, check_mask_probs
+
+logger = logging.getLogger(__name__)
+
+# Flags of the original's V4 train.sh that this trainer does not need: accepted, so that its launch commands run,
+# and ignored with a notice that says why.
+IGNORED_ORIGINAL_FLAGS = {
+    "config_path": "the architecture comes from the model folder's config.json files",
+    "enable_xformers_memory_efficient_attention": "attention uses PyTorch's scaled_dot_product_attention",
+    "not_sigma_loss": "the V4 loss is the only loss this trainer has",
+}
 
 
 def _f(default, help: str, **extra):
@@ -31,6 +42,7 @@ class TrainConfig:
     train_data_dir: str = _f(None, "folder relative file paths are relative to (omit for absolute paths)")
     output_dir: str = _f("output_dir", "checkpoints, samples and logs go here")
     transformer_path: str = _f(None, "start from these transformer weights (.safetensors or a folder) instead")
+    vae_path: str = _f(None, "use these VAE weights (a file, or the vae/ folder train_vae.py writes) instead")
     # data
     image_sample_size: int = _f(512, "largest image base size")
     video_sample_size: int = _f(512, "video base size")
@@ -169,9 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = meta.pop("type", {"int": int, "float": float, "str": str, "list": str}.get(f.type, str))
         parser.add_argument(flag, type=kind, default=default, help=help_text, **meta)
+    ignored = parser.add_argument_group("accepted from the original's train.sh and ignored")
+    for name, reason in IGNORED_ORIGINAL_FLAGS.items():
+        if name == "config_path":
+            ignored.add_argument(f"--{name}", default=None, help=f"ignored: {reason}")
+        else:
+            ignored.add_argument(f"--{name}", action="store_true", help=f"ignored: {reason}")
     return parser
 
 
 def parse_args(argv=None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    return TrainConfig(**vars(args))
+    args = vars(build_parser().parse_args(argv))
+    for name, reason in IGNORED_ORIGINAL_FLAGS.items():
+        if args.pop(name):
+            logger.warning("--%s is not needed and is ignored: %s", name, reason)
+    return TrainConfig(**args)

@@ -28,6 +28,7 @@ from ..data.buckets import BucketBatchSampler, BucketCollate, bucket_ratios
 from ..data.dataset import DataError, DataHealth, VideoImageDataset, compose_entries
 from ..data.metadata import load_metadata
 from ..data.seeding import POSTERIOR, keyed_randn
+from ..utils.weights import load_weights_into
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .lcm import LCMDistillation
@@ -76,7 +77,9 @@ def load_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtyp
     pipe = EasyAnimatePipeline.from_pretrained(cfg.pretrained_model_name_or_path, torch_dtype=torch.float32, device="cpu")
     transformer = pipe.transformer
     if cfg.transformer_path:
-        _load_transformer_weights(transformer, cfg.transformer_path)
+        load_weights_into(transformer, cfg.transformer_path)
+    if cfg.vae_path:
+        load_weights_into(pipe.vae, cfg.vae_path, ignore_prefixes=("loss.",))
     if cfg.train_mode == "inpaint" and not transformer.is_inpaint:
         raise ValueError(
             f"--train_mode inpaint needs the image-to-video (InP) transformer, but {cfg.pretrained_model_name_or_path} "
@@ -95,13 +98,6 @@ def load_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtyp
         text_lengths=text_lengths(transformer),
     )
     return transformer.to(device), frozen_models
-
-
-def _load_transformer_weights(transformer: nn.Module, path: str) -> None:
-    from ..utils.weights import load_state_dict_strict, read_folder_weights, read_weights_file
-
-    state = read_folder_weights(path) if os.path.isdir(path) else read_weights_file(path)
-    load_state_dict_strict(transformer, state, source=path)
 
 
 def select_trainable(transformer: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -552,14 +548,10 @@ def _register_state_hooks(accelerator, transformer: nn.Module, lora_network) -> 
 
     def load_model_weights(models, input_dir):
         models.clear()
-        from ..utils.weights import load_state_dict_strict, read_folder_weights, read_weights_file
-
         if lora_network is not None:
-            state = read_weights_file(os.path.join(input_dir, LORA_STATE_FILE))
-            load_state_dict_strict(lora_network, state, source=input_dir)
+            load_weights_into(lora_network, os.path.join(input_dir, LORA_STATE_FILE))
         else:
-            state = read_folder_weights(os.path.join(input_dir, "transformer"))
-            load_state_dict_strict(transformer, state, source=input_dir)
+            load_weights_into(transformer, os.path.join(input_dir, "transformer"))
 
     accelerator.register_save_state_pre_hook(skip_model_weights)
     accelerator.register_load_state_pre_hook(load_model_weights)

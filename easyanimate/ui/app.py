@@ -2,7 +2,7 @@
 
 ``build_app(studio)`` lays out the page and wires its events; ``main(argv)`` parses the command line and serves
 it (127.0.0.1 by default). The same events are the HTTP API: ``/generate``, ``/load_model`` and ``/refresh``
-(see docs/ui.md for a ``gradio_client`` example).
+(README.md, "Web UI and API", has a ``gradio_client`` example).
 """
 
 from __future__ import annotations

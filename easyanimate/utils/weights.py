@@ -134,6 +134,15 @@ def load_state_dict_strict(
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
+def load_weights_into(model: torch.nn.Module, path: str | os.PathLike, *,
+                      ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Replace all of ``model``'s weights with those of ``path``: a weights file or a model folder (e.g. a fine-tuned
+    ``transformer/`` or ``vae/``). Strict: any missing, unexpected or wrongly-shaped key raises
+    :class:`CheckpointError`, so weights are never loaded in part."""
+    state = read_folder_weights(path) if Path(path).is_dir() else read_weights_file(path)
+    load_state_dict_strict(model, state, source=str(path), ignore_prefixes=ignore_prefixes)
+
+
 def read_model_config(cls, folder: str | os.PathLike, overrides: Mapping | None = None) -> dict:
     """``folder/config.json`` with ``overrides`` on top; a missing or malformed file is a clear error."""
     config_file = Path(folder) / "config.json"
