@@ -124,7 +124,7 @@ class StandInPipeline:
             raise RuntimeError("stand-in failure")
         return self._sample(kwargs, video_length)
 
-    def generate_long_video(self, video_length, partial_video_length, overlap_video_length, **kwargs):
+    def generate_long_video(self, video_length, chunk_length, overlap, **kwargs):
         return self._sample(kwargs, video_length)
 
 
@@ -520,3 +520,108 @@ def test_tiny_model_lora_is_applied_and_removed(tiny_server):
         outputs.append(read_video(video))
     assert (outputs[0] - outputs[1]).abs().max() > 0.05  # the LoRA changed the result
     assert torch.equal(outputs[0], outputs[2])  # and was removed afterwards
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the original's HTTP routes
+
+
+def _b64(path: Path) -> str:
+    import base64
+
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def test_original_http_routes_follow_the_original_protocol_within_the_servers_folders(stand_in_server, folders):
+    """``/easyanimate/update_edition``, ``update_diffusion_transformer`` and ``infer_forward`` with the original's
+    keys and base64 media, as its post_infer.py sends them; models and LoRAs only from the server's folders."""
+    import base64
+
+    import httpx
+
+    demo, studio = stand_in_server
+
+    def post(route, **body):
+        reply = httpx.post(f"{demo.local_url}easyanimate/{route}", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    assert post("update_edition", edition="v4") == {"message": "Success"}
+    assert "only EasyAnimate V4" in post("update_edition", edition="v3")["message"]
+    assert "no model loaded" in post("infer_forward", prompt_textbox="a red ball")["message"]
+    for outside in ("escape", str(folders.models / "escape"), str(folders.outside / "secret-model"),
+                    "../outside/secret-model"):
+        assert post("update_diffusion_transformer", diffusion_transformer_path=outside)["message"].startswith("Error")
+    assert studio.loaded_model is None
+    assert post("update_diffusion_transformer", diffusion_transformer_path=str(folders.models / "model-b")) == {
+        "message": "Success"}
+    assert studio.loaded_model == "model-b"
+
+    small = dict(prompt_textbox="a red ball", width_slider=64, height_slider=64, length_slider=8, sample_step_slider=2,
+                 seed_textbox=5)
+    reply = post("infer_forward", **small)
+    assert reply["message"] == "Success"
+    saved = Path(reply["save_sample_path"])
+    assert saved.parent == studio.output.root and saved.suffix == ".mp4"
+    assert base64.b64decode(reply["base64_encoding"]) == saved.read_bytes()
+    settings = json.loads(saved.with_suffix(".json").read_text())
+    assert (settings["kind"], settings["guidance_scale"], settings["seed"]) == (TEXT_TO_VIDEO, 6.0, 5)
+
+    start = write_test_image(folders.outside / "start.png", height=64, width=96)
+    clip = write_test_video(folders.outside / "clip.mp4", frames=16, height=64, width=96)
+    cases = [
+        (dict(start_image=_b64(start), lora_model_path="style.safetensors", lora_alpha_slider=0.8), IMAGE_TO_VIDEO),
+        (dict(is_image=True), TEXT_TO_IMAGE),
+        (dict(validation_video=_b64(clip), denoise_strength=0.5), VIDEO_TO_VIDEO),
+        (dict(generation_method="Long Video Generation", length_slider=24, partial_video_length=16,
+              start_image=[_b64(start)]), LONG_VIDEO),
+    ]
+    for change, kind in cases:
+        reply = post("infer_forward", **{**small, **change})
+        assert reply["message"] == "Success", (kind, reply["message"])
+        saved = Path(reply["save_sample_path"])
+        assert json.loads(saved.with_suffix(".json").read_text())["kind"] == kind
+        call = studio._pipe.calls[-1]
+        if kind == IMAGE_TO_VIDEO:
+            assert call["image"].size == (96, 64) and call["lora"] == (folders.loras / "style.safetensors", 0.8)
+        assert saved.suffix == (".png" if kind == TEXT_TO_IMAGE else ".mp4")
+
+    refusals = [
+        (dict(lora_model_path="linked.safetensors"), "not in"),
+        (dict(lora_model_path=str(folders.outside / "evil.safetensors")), "not in"),
+        (dict(base_model_path="dreambooth.safetensors"), "not supported"),
+        (dict(start_image="not base64!"), "not valid base64"),
+        (dict(start_image=base64.b64encode(b"not an image").decode()), "not a readable image"),
+        (dict(validation_video=_b64(clip), generation_method="Long Video Generation"), "takes no input video"),
+        (dict(width_slider=100), "multiple of 16"),
+        (dict(prompt="a typo'd key"), "unknown keys ['prompt']"),
+        (dict(seed_textbox="lucky"), "wrong type"),
+    ]
+    outputs = len(list(studio.output.root.iterdir()))
+    for change, message in refusals:
+        reply = post("infer_forward", **{**small, **change})
+        assert reply["message"].startswith("Error") and message in reply["message"], (change, reply)
+        assert message == "wrong type" or "wrong type" not in reply["message"]
+        assert "base64_encoding" not in reply
+    assert len(list(studio.output.root.iterdir())) == outputs  # nothing written for a refused request
+
+
+def test_tiny_model_through_the_original_http_routes(tiny_server, tmp_path):
+    import base64
+
+    import httpx
+
+    from easyanimate.utils.video_io import read_video
+
+    def post(route, **body):
+        return httpx.post(f"{tiny_server.url}easyanimate/{route}", json=body, timeout=300).json()
+
+    models = tiny_server.root / "models"
+    assert post("update_diffusion_transformer", diffusion_transformer_path=str(models / "tiny")) == {"message": "Success"}
+    reply = post("infer_forward", prompt_textbox="a red circle moving to the left", width_slider=96, height_slider=64,
+                 length_slider=8, sample_step_slider=2, seed_textbox=3)
+    assert reply["message"] == "Success", reply["message"]
+    received = tmp_path / "received.mp4"
+    received.write_bytes(base64.b64decode(reply["base64_encoding"]))
+    assert read_video(received).shape == (3, 8, 64, 96)
+    assert torch.equal(read_video(received), read_video(reply["save_sample_path"]))

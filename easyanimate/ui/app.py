@@ -2,7 +2,8 @@
 
 ``build_app(studio)`` lays out the page and wires its events; ``main(argv)`` parses the command line and serves
 it (127.0.0.1 by default). The same events are the HTTP API: ``/generate``, ``/load_model`` and ``/refresh``
-(README.md, "Web UI and API", has a ``gradio_client`` example).
+(README.md, "Web UI and API", has a ``gradio_client`` example); the original's ``/easyanimate/*`` routes are served
+beside them (:mod:`easyanimate.ui.original_api`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from easyanimate.ui.generation import (
     Studio,
     easyanimate_loader,
 )
+from easyanimate.ui.original_api import add_original_routes
 from easyanimate.ui.safety import NONE_CHOICE, RefusedError, UploadLimits
 
 logger = logging.getLogger(__name__)
@@ -247,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def launch(studio: Studio, *, host: str, port: int, share: bool = False, queue_size: int = 16,
            prevent_thread_lock: bool = False):
-    """Queue and serve the app; returns the launched ``gr.Blocks``."""
+    """Queue and serve the app, with the original's HTTP routes beside it; returns the launched ``gr.Blocks``."""
     demo = build_app(studio)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     demo.launch(
@@ -256,9 +258,12 @@ def launch(studio: Studio, *, host: str, port: int, share: bool = False, queue_s
         share=share,
         allowed_paths=[str(studio.output.root)],
         max_file_size=studio.limits.max_bytes,
-        prevent_thread_lock=prevent_thread_lock,
+        prevent_thread_lock=True,
         footer_links=["api"],
     )
+    add_original_routes(demo.server_app, studio)
+    if not prevent_thread_lock:
+        demo.block_thread()
     return demo
 
 
