@@ -4,7 +4,7 @@
 # train.py (later flags win). Run from the repository root.
 set -euo pipefail
 
-MODEL_NAME=${MODEL_NAME:-models/Diffusion_Transformer/EasyAnimateV4-XL-2-InP}
+MODEL_NAME=${MODEL_NAME:-models/EasyAnimateV4-XL-2-InP}
 DATASET_NAME=${DATASET_NAME:-datasets/internal_datasets/}             # "" when the metadata has absolute paths
 DATASET_META_NAME=${DATASET_META_NAME:-datasets/internal_datasets/metadata.json}
 TRANSFORMER_PATH=${TRANSFORMER_PATH:-}      # start from a previous stage, e.g. output_dir/stage1/checkpoint-60000/transformer

@@ -6,7 +6,7 @@
 set -euo pipefail
 if [ "$#" -lt 3 ]; then
   echo "usage: $0 MODEL_DIR METADATA LPIPS_WEIGHTS [flags...]" >&2
-  echo "  MODEL_DIR      e.g. models/Diffusion_Transformer/EasyAnimateV4-XL-2-InP (its vae/ is fine-tuned)" >&2
+  echo "  MODEL_DIR      e.g. models/EasyAnimateV4-XL-2-InP (its vae/ is fine-tuned)" >&2
   echo "  METADATA       JSON/CSV list of {file_path, type: image|video} (paths relative to DATA_DIR if set)" >&2
   echo "  LPIPS_WEIGHTS  VGG16 LPIPS weights: one file, or torchvision's vgg16 .pth and the lpips package's" >&2
   echo "                 weights/v0.1/vgg.pth joined by a comma" >&2
