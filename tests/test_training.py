@@ -471,3 +471,37 @@ def test_vae_path_and_the_original_launch_flags(tiny_model_dir, data, tmp_path, 
     cfg = parse_args(_args(tiny_model_dir, data, "unused", "--vae_path", str(tmp_path / "partial.safetensors")))
     with pytest.raises(CheckpointError, match="1 missing keys"):
         T.load_models(cfg, torch.device("cpu"), torch.float32)
+
+
+def test_training_starts_from_a_four_channel_checkpoint(tiny_model_dir, data, tmp_path):
+    """``--transformer_path`` with a text-to-video (4 input channels) checkpoint and ``--adapt_transformer_channels``
+    starts the 12-channel InP model from it: the latent channels keep their weights, the new mask / masked-video
+    channels start at zero. Without the flag the mismatch is refused and the error names the flag."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from easyanimate.models.transformer import HunyuanTransformer3DModel
+    from easyanimate.training import trainer as T
+    from easyanimate.utils.weights import CheckpointError
+
+    config = _json.loads((tiny_model_dir / "transformer" / "config.json").read_text())
+    torch.manual_seed(1)
+    text_to_video = HunyuanTransformer3DModel.from_config({**config, "in_channels": 4})
+    state = {k: v.contiguous() for k, v in text_to_video.state_dict().items()}
+    save_file(state, str(tmp_path / "t2v.safetensors"))
+
+    cfg = parse_args(_args(tiny_model_dir, data, "unused", "--transformer_path", str(tmp_path / "t2v.safetensors"),
+                           "--adapt_transformer_channels"))
+    transformer, _ = T.load_models(cfg, torch.device("cpu"), torch.float32)
+    loaded = transformer.state_dict()
+    proj = loaded["pos_embed.proj.weight"]
+    assert proj.shape[1] == 12 and torch.equal(proj[:, :4], state["pos_embed.proj.weight"])
+    assert not proj[:, 4:].any()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "pos_embed.proj.weight")
+
+    cfg = parse_args(_args(tiny_model_dir, data, "unused", "--transformer_path", str(tmp_path / "t2v.safetensors")))
+    with pytest.raises(CheckpointError, match="--adapt_transformer_channels"):
+        T.load_models(cfg, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="pass that too"):
+        parse_args(_args(tiny_model_dir, data, "unused", "--adapt_transformer_channels"))

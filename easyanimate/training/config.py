@@ -42,6 +42,8 @@ class TrainConfig:
     train_data_dir: str = _f(None, "folder relative file paths are relative to (omit for absolute paths)")
     output_dir: str = _f("output_dir", "checkpoints, samples and logs go here")
     transformer_path: str = _f(None, "start from these transformer weights (.safetensors or a folder) instead")
+    adapt_transformer_channels: bool = _f(False, "fit --transformer_path weights made for other channel counts (e.g. "
+                                          "a 4-channel HunyuanDiT into the 12-channel InP model: new inputs zeroed)")
     vae_path: str = _f(None, "use these VAE weights (a file, or the vae/ folder train_vae.py writes) instead")
     # data
     image_sample_size: int = _f(512, "largest image base size")
@@ -145,6 +147,8 @@ class TrainConfig:
                              "(the original: --rank 64 --network_alpha 64)")
         if self.use_came and self.use_8bit_adam:
             raise ValueError("--use_came and --use_8bit_adam each choose the optimizer; pass only one")
+        if self.adapt_transformer_channels and not self.transformer_path:
+            raise ValueError("--adapt_transformer_channels fits the weights of --transformer_path; pass that too")
         if self.lora and self.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {self.rank}")
 

@@ -28,7 +28,7 @@ from ..data.buckets import BucketBatchSampler, BucketCollate, bucket_ratios
 from ..data.dataset import DataError, DataHealth, VideoImageDataset, compose_entries
 from ..data.metadata import load_metadata
 from ..data.seeding import POSTERIOR, keyed_randn
-from ..utils.weights import load_weights_into
+from ..utils.weights import CheckpointError, load_weights_into
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .lcm import LCMDistillation
@@ -77,7 +77,14 @@ def load_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtyp
     pipe = EasyAnimatePipeline.from_pretrained(cfg.pretrained_model_name_or_path, torch_dtype=torch.float32, device="cpu")
     transformer = pipe.transformer
     if cfg.transformer_path:
-        load_weights_into(transformer, cfg.transformer_path)
+        try:
+            load_weights_into(transformer, cfg.transformer_path,
+                              adapt=_adapt_channels(cfg.transformer_path) if cfg.adapt_transformer_channels else None)
+        except CheckpointError as exc:
+            if cfg.adapt_transformer_channels or "pos_embed.proj.weight" not in str(exc):
+                raise
+            raise CheckpointError(f"{exc}\n  weights made for other input channels (e.g. a 4-channel HunyuanDiT or "
+                                  "text-to-video model) load with --adapt_transformer_channels") from None
     if cfg.vae_path:
         load_weights_into(pipe.vae, cfg.vae_path, ignore_prefixes=("loss.",))
     if cfg.train_mode == "inpaint" and not transformer.is_inpaint:
@@ -98,6 +105,20 @@ def load_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtyp
         text_lengths=text_lengths(transformer),
     )
     return transformer.to(device), frozen_models
+
+
+def _adapt_channels(source: str):
+    """Fit a transformer checkpoint with other input/output channel counts to the model (a 4-channel HunyuanDiT
+    or text-to-video checkpoint into the 12-channel InP model: the new inputs zero-filled), saying what changed."""
+    from ..models.transformer import adapt_checkpoint_channels
+
+    def adapt(model, state_dict):
+        state_dict, report = adapt_checkpoint_channels(model, state_dict)
+        if report:
+            logger.warning("adapted %s to the model:\n%s", source, report.summary())
+        return state_dict
+
+    return adapt
 
 
 def select_trainable(transformer: nn.Module, cfg: TrainConfig) -> list[dict]:

@@ -134,12 +134,15 @@ def load_state_dict_strict(
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
-def load_weights_into(model: torch.nn.Module, path: str | os.PathLike, *,
-                      ignore_prefixes: tuple[str, ...] = ()) -> None:
+def load_weights_into(model: torch.nn.Module, path: str | os.PathLike, *, ignore_prefixes: tuple[str, ...] = (),
+                      adapt: Callable[[torch.nn.Module, dict], dict] | None = None) -> None:
     """Replace all of ``model``'s weights with those of ``path``: a weights file or a model folder (e.g. a fine-tuned
     ``transformer/`` or ``vae/``). Strict: any missing, unexpected or wrongly-shaped key raises
-    :class:`CheckpointError`, so weights are never loaded in part."""
+    :class:`CheckpointError`, so weights are never loaded in part. ``adapt(model, state_dict)`` may first fit the
+    state dict to the model (e.g. other input channel counts)."""
     state = read_folder_weights(path) if Path(path).is_dir() else read_weights_file(path)
+    if adapt is not None:
+        state = adapt(model, state)
     load_state_dict_strict(model, state, source=str(path), ignore_prefixes=ignore_prefixes)
 
 
