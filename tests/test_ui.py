@@ -37,10 +37,10 @@ from easyanimate.ui.safety import (
     RefusedError,
     UploadLimits,
     check_video_upload,
-    list_lora_files,
+    list_safetensors_files,
     list_model_folders,
     open_image_upload,
-    resolve_lora_file,
+    resolve_safetensors_file,
     resolve_model_folder,
 )
 from easyanimate.utils.video_io import save_video
@@ -143,6 +143,9 @@ def folders(tmp_path):
     (loras / "pickled.ckpt").write_bytes(b"x")
     (outside / "evil.safetensors").write_bytes(b"x")
     os.symlink(outside / "evil.safetensors", loras / "linked.safetensors")
+    (models / "transformer_weights").mkdir()
+    (models / "transformer_weights" / "finetuned.safetensors").write_bytes(b"x")
+    os.symlink(outside / "evil.safetensors", models / "transformer_weights" / "linked.safetensors")
     return SimpleNamespace(models=models, loras=loras, outside=outside, out=tmp_path / "samples")
 
 
@@ -152,11 +155,11 @@ def folders(tmp_path):
 
 def test_model_and_lora_choices_stay_inside_their_folders(folders):
     assert list_model_folders(folders.models) == ["model-a", "model-b"]
-    assert list_lora_files(folders.loras) == ["style.safetensors", "styles/ink.safetensors"]
+    assert list_safetensors_files(folders.loras) == ["style.safetensors", "styles/ink.safetensors"]
     assert resolve_model_folder(folders.models, "model-a") == (folders.models / "model-a").resolve()
     ink = folders.loras / "styles" / "ink.safetensors"
-    assert resolve_lora_file(folders.loras, "styles/ink.safetensors") == ink.resolve()
-    assert resolve_lora_file(folders.loras, "none") is None
+    assert resolve_safetensors_file(folders.loras, "styles/ink.safetensors") == ink.resolve()
+    assert resolve_safetensors_file(folders.loras, "none") is None
     bad_models = ["escape", "../outside/secret-model", str(folders.outside / "secret-model"), "not-a-model", "", None]
     for name in bad_models:
         with pytest.raises(RefusedError, match="model"):
@@ -164,7 +167,7 @@ def test_model_and_lora_choices_stay_inside_their_folders(folders):
     for name in ["linked.safetensors", "../outside/evil.safetensors", str(folders.outside / "evil.safetensors"),
                  "pickled.ckpt", "styles/../../outside/evil.safetensors"]:
         with pytest.raises(RefusedError, match="not one of the .safetensors files"):
-            resolve_lora_file(folders.loras, name)
+            resolve_safetensors_file(folders.loras, name)
 
 
 def test_uploads_are_checked_for_type_size_and_content(tmp_path):
@@ -237,8 +240,8 @@ def test_reference_size_picks_the_closest_bucket_floored_to_16():
 def make_studio(folders, delay=0.0):
     loaded = []
 
-    def load(folder):
-        loaded.append(folder.name)
+    def load(folder, transformer_weights=None):
+        loaded.append(folder.name if transformer_weights is None else (folder.name, transformer_weights.name))
         load_times.append(time.monotonic())
         return StandInPipeline(folder, delay)
 
@@ -468,9 +471,14 @@ def tiny_server(tiny_model_dir, tmp_path_factory):
         },
         root / "loras" / "style.safetensors",
     )
+    from easyanimate.utils.weights import read_folder_weights
+
+    (root / "models" / "transformer_weights").mkdir()  # a "fine-tuned" transformer: the tiny one, scaled
+    scaled = {k: v * 0.9 for k, v in read_folder_weights(tiny_model_dir / "transformer").items()}
+    save_file(scaled, root / "models" / "transformer_weights" / "scaled.safetensors")
     studio = Studio(root / "models", root / "loras", root / "samples")
     demo = serve(studio)
-    yield SimpleNamespace(url=demo.local_url, studio=studio, root=root)
+    yield SimpleNamespace(url=demo.local_url, studio=studio, root=root, scaled=scaled)
     demo.close()
 
 
@@ -589,7 +597,8 @@ def test_original_http_routes_follow_the_original_protocol_within_the_servers_fo
     refusals = [
         (dict(lora_model_path="linked.safetensors"), "not in"),
         (dict(lora_model_path=str(folders.outside / "evil.safetensors")), "not in"),
-        (dict(base_model_path="dreambooth.safetensors"), "not supported"),
+        (dict(base_model_path="dreambooth.safetensors"), "not in"),
+        (dict(motion_module_path="mm_v1.ckpt"), "not supported"),
         (dict(start_image="not base64!"), "not valid base64"),
         (dict(start_image=base64.b64encode(b"not an image").decode()), "not a readable image"),
         (dict(validation_video=_b64(clip), generation_method="Long Video Generation"), "takes no input video"),
@@ -625,3 +634,39 @@ def test_tiny_model_through_the_original_http_routes(tiny_server, tmp_path):
     received.write_bytes(base64.b64decode(reply["base64_encoding"]))
     assert read_video(received).shape == (3, 8, 64, 96)
     assert torch.equal(read_video(received), read_video(reply["save_sample_path"]))
+
+
+def test_transformer_weights_reload_the_model_with_them_and_none_brings_its_own_back(folders):
+    """Fine-tuned transformer weights are picked by name from the weights folder (never through a link that leaves
+    it); choosing them reloads the model with them, choosing "none" again reloads the model's own weights (the
+    original kept the fine-tuned ones), and the settings JSON records which were used."""
+    studio, loaded = make_studio(folders)
+    assert studio.weights_choices() == ["none", "finetuned.safetensors"]
+    assert "transformer_weights" not in studio.model_choices()
+    base = dict(model="model-a", prompt="a red ball", frames=8, steps=1, width=64, height=64)
+    for weights in ("linked.safetensors", "../../outside/evil.safetensors", str(folders.outside / "evil.safetensors")):
+        with pytest.raises(RefusedError, match="not one of the .safetensors files"):
+            studio.generate(GenerationSettings(**base, transformer_weights=weights))
+    assert loaded == []
+    first = studio.generate(GenerationSettings(**base, transformer_weights="finetuned.safetensors"))
+    studio.generate(GenerationSettings(**base, transformer_weights="finetuned.safetensors"))
+    studio.generate(GenerationSettings(**base))
+    assert loaded == [("model-a", "finetuned.safetensors"), "model-a"]
+    assert json.loads(first.settings_path.read_text())["transformer_weights"] == "finetuned.safetensors"
+
+
+def test_tiny_model_with_fine_tuned_transformer_weights(tiny_server):
+    from gradio_client import Client
+
+    from easyanimate.utils.video_io import read_video
+
+    client = Client(tiny_server.url, verbose=False)
+    common = api_kwargs(model="tiny", height=64, width=64)
+    plain, *_ = client.predict(**common, api_name="/generate")
+    tuned, _, settings, _ = client.predict(**common, transformer_weights="scaled.safetensors", api_name="/generate")
+    loaded = tiny_server.studio._pipe.transformer.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in tiny_server.scaled.items())
+    assert settings["transformer_weights"] == "scaled.safetensors"
+    assert not torch.equal(read_video(plain), read_video(tuned))
+    again, *_ = client.predict(**common, api_name="/generate")  # "none": the model's own weights are back
+    assert torch.equal(read_video(again), read_video(plain))

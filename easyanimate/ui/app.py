@@ -61,11 +61,12 @@ def build_app(studio: Studio) -> gr.Blocks:
     """The page: model and LoRA pickers, prompts, sampling settings, the generation kind and its inputs, results."""
     models = studio.model_choices()
 
-    def refresh(model, lora):
-        model_names, lora_names = studio.model_choices(), studio.lora_choices()
+    def refresh(model, lora, weights):
+        model_names, lora_names, weight_names = studio.model_choices(), studio.lora_choices(), studio.weights_choices()
         return (
             gr.Dropdown(choices=model_names, value=model if model in model_names else None),
             gr.Dropdown(choices=lora_names, value=lora if lora in lora_names else NONE_CHOICE),
+            gr.Dropdown(choices=weight_names, value=weights if weights in weight_names else NONE_CHOICE),
         )
 
     def load_model(model):
@@ -120,6 +121,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         denoise_strength: float = 0.70,
         partial_frames: int = 72,
         overlap_frames: int = 4,
+        transformer_weights: str = NONE_CHOICE,
         progress=gr.Progress(),
     ):
         try:
@@ -131,6 +133,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 partial_frames=int(partial_frames), overlap_frames=int(overlap_frames),
                 resize_to_reference=bool(resize_to_reference), base_resolution=int(base_resolution),
                 start_image=start_image, end_image=end_image, video=video,
+                transformer_weights=transformer_weights or NONE_CHOICE,
             )
             progress(0, desc="Waiting for the model")
             result = studio.generate(settings, on_step=lambda done, total: progress((done, total), desc="Sampling"))
@@ -159,6 +162,12 @@ def build_app(studio: Studio) -> gr.Blocks:
             )
             lora_strength = gr.Slider(0.0, 2.0, value=0.55, step=0.05, label="LoRA strength", scale=2)
             refresh_button = gr.Button("Refresh lists", scale=1)
+        with gr.Row():
+            transformer_weights = gr.Dropdown(
+                studio.weights_choices(), value=NONE_CHOICE, label="Transformer weights",
+                info=f"fine-tuned weights (.safetensors) under {studio.weights_dir} in place of the model's own",
+                allow_custom_value=True,
+            )
         model_status = gr.Markdown()
         prompt = gr.Textbox(DEFAULT_PROMPT, lines=2, label="Prompt", elem_id="prompt")
         negative_prompt = gr.Textbox(DEFAULT_NEGATIVE_PROMPT, lines=2, label="Negative prompt")
@@ -199,7 +208,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             settings_used = gr.JSON(label="Settings used")
             status = gr.Textbox(label="Status", interactive=False)
 
-        refresh_button.click(refresh, [model, lora], [model, lora], api_name="refresh", queue=False)
+        pickers = [model, lora, transformer_weights]
+        refresh_button.click(refresh, pickers, pickers, api_name="refresh", queue=False)
         model.change(
             load_model, model, model_status, api_name="load_model", concurrency_limit=1, concurrency_id=MODEL_SLOT
         )
@@ -217,7 +227,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             [
                 model, lora, lora_strength, prompt, negative_prompt, kind, sampler, steps, width, height, frames,
                 guidance_scale, seed, resize_to_reference, base_resolution, start_image, end_image, video,
-                denoise_strength, partial_frames, overlap_frames,
+                denoise_strength, partial_frames, overlap_frames, transformer_weights,
             ],
             [result_video, result_image, settings_used, status],
             api_name="generate",
@@ -225,7 +235,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             concurrency_limit=1,
             concurrency_id=MODEL_SLOT,
         ).success(show_result, settings_used, [result_video, result_image], api_visibility="private", queue=False)
-        demo.load(refresh, [model, lora], [model, lora], api_visibility="private", queue=False)
+        demo.load(refresh, pickers, pickers, api_visibility="private", queue=False)
     return demo
 
 
@@ -238,6 +248,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models-dir", default="models", help="folder whose sub-folders are the models offered")
     parser.add_argument("--lora-dir", default=None,
                         help="folder of LoRA .safetensors files (default <models-dir>/lora)")
+    parser.add_argument("--weights-dir", default=None,
+                        help="folder of fine-tuned transformer weights (.safetensors) offered in place of a model's "
+                             "own (default <models-dir>/transformer_weights)")
     parser.add_argument("--output-dir", default="samples", help="every result and its settings JSON go here")
     parser.add_argument("--memory-mode", choices=MEMORY_MODES, default="model_cpu_offload",
                         help="on a GPU: move each model in when it runs (default), stream layer by layer "
@@ -273,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     lora_dir = Path(args.lora_dir) if args.lora_dir else Path(args.models_dir) / "lora"
     studio = Studio(
         args.models_dir, lora_dir, args.output_dir, load_pipeline=easyanimate_loader(args.memory_mode),
-        limits=UploadLimits(max_bytes=args.max_upload_mb * 2**20),
+        limits=UploadLimits(max_bytes=args.max_upload_mb * 2**20), weights_dir=args.weights_dir,
     )
     if not studio.model_choices():
         logger.warning("no model folders under %s yet: add one and press 'Refresh lists'", args.models_dir)

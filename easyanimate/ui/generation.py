@@ -29,10 +29,10 @@ from easyanimate.ui.safety import (
     RefusedError,
     UploadLimits,
     check_video_upload,
-    list_lora_files,
+    list_safetensors_files,
     list_model_folders,
     open_image_upload,
-    resolve_lora_file,
+    resolve_safetensors_file,
     resolve_model_folder,
 )
 
@@ -89,6 +89,7 @@ class GenerationSettings:
     seed: int = 43
     lora: str = NONE_CHOICE
     lora_strength: float = 0.55
+    transformer_weights: str = NONE_CHOICE  # a fine-tuned transformer from the weights folder, or the model's own
     denoise_strength: float = 0.70
     partial_frames: int = 72
     overlap_frames: int = 4
@@ -158,20 +159,28 @@ class GenerationResult:
 MEMORY_MODES = ("model_cpu_offload", "sequential_cpu_offload", "gpu")
 
 
-def easyanimate_loader(memory_mode: str = "model_cpu_offload") -> Callable[[Path], Any]:
-    """A function loading a model folder with the project's pipeline. On CPU everything runs in fp32; on a GPU
-    ``memory_mode`` keeps the weights on the CPU and moves each model in when it runs (the original's default),
-    streams every layer ("sequential_cpu_offload", for small GPUs), or keeps all of it on the GPU ("gpu")."""
+def easyanimate_loader(memory_mode: str = "model_cpu_offload") -> Callable[[Path, Path | None], Any]:
+    """A function loading a model folder with the project's pipeline, optionally with other transformer weights
+    (a fine-tuned ``.safetensors``; strict). On CPU everything runs in fp32; on a GPU ``memory_mode`` keeps the
+    weights on the CPU and moves each model in when it runs (the original's default), streams every layer
+    ("sequential_cpu_offload", for small GPUs), or keeps all of it on the GPU ("gpu")."""
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; choose one of {MEMORY_MODES}")
 
-    def load(model_dir: Path) -> Any:
+    def load(model_dir: Path, transformer_weights: Path | None = None) -> Any:
         from easyanimate.pipeline import EasyAnimatePipeline, default_dtype
+        from easyanimate.utils.weights import load_weights_into
 
-        if not torch.cuda.is_available() or memory_mode == "gpu":
-            return EasyAnimatePipeline.from_pretrained(model_dir)
-        dtype = default_dtype(torch.device("cuda"))
-        pipe = EasyAnimatePipeline.from_pretrained(model_dir, torch_dtype=dtype, device="cpu")
+        offload = torch.cuda.is_available() and memory_mode != "gpu"
+        if offload:
+            pipe = EasyAnimatePipeline.from_pretrained(model_dir, torch_dtype=default_dtype(torch.device("cuda")),
+                                                       device="cpu")
+        else:
+            pipe = EasyAnimatePipeline.from_pretrained(model_dir)
+        if transformer_weights is not None:  # before the offload hooks, which move the weights
+            load_weights_into(pipe.transformer, transformer_weights)
+        if not offload:
+            return pipe
         if memory_mode == "sequential_cpu_offload":
             pipe.enable_sequential_cpu_offload()
         else:
@@ -195,24 +204,31 @@ class Studio:
         lora_dir: str | os.PathLike,
         output_dir: str | os.PathLike,
         *,
-        load_pipeline: Callable[[Path], Any] | None = None,
+        load_pipeline: Callable[[Path, Path | None], Any] | None = None,
         limits: UploadLimits = UploadLimits(),
+        weights_dir: str | os.PathLike | None = None,
     ):
         self.models_dir = Path(models_dir)
         self.lora_dir = Path(lora_dir)
+        # fine-tuned transformer weights (.safetensors) that replace a model's own, e.g. train.py's results
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else self.models_dir / "transformer_weights"
         self.output = OutputFolder(output_dir)
         self.limits = limits
         self._load_pipeline = load_pipeline or easyanimate_loader()
         self._lock = threading.Lock()
         self._pipe: Any = None
         self._model_name: str | None = None
+        self._weights_name: str = NONE_CHOICE
 
     # -- choices ---------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
         return list_model_folders(self.models_dir)
 
     def lora_choices(self) -> list[str]:
-        return [NONE_CHOICE, *list_lora_files(self.lora_dir)]
+        return [NONE_CHOICE, *list_safetensors_files(self.lora_dir)]
+
+    def weights_choices(self) -> list[str]:
+        return [NONE_CHOICE, *list_safetensors_files(self.weights_dir)]
 
     @property
     def loaded_model(self) -> str | None:
@@ -223,17 +239,19 @@ class Studio:
         """Load the model folder ``name`` (waits for a running generation); returns a status line."""
         folder = resolve_model_folder(self.models_dir, name)
         with self._lock:
-            self._ensure_model(name, folder)
+            self._ensure_model(name, folder, NONE_CHOICE, None)
         return f"model {name} loaded"
 
-    def _ensure_model(self, name: str, folder: Path) -> Any:
-        if self._model_name != name:
+    def _ensure_model(self, name: str, folder: Path, weights_name: str, weights: Path | None) -> Any:
+        """The pipeline of model ``name`` with transformer ``weights`` (None: its own), loaded if it is not the one
+        in memory. Choosing "none" again reloads the folder, so its own weights come back."""
+        if (self._model_name, self._weights_name) != (name, weights_name):
             self._pipe, self._model_name = None, None  # free the old model before loading the next
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            logger.info("loading model %s", folder)
-            self._pipe = self._load_pipeline(folder)
-            self._model_name = name
+            logger.info("loading model %s%s", folder, f" with transformer weights {weights}" if weights else "")
+            self._pipe = self._load_pipeline(folder, weights)
+            self._model_name, self._weights_name = name, weights_name
         return self._pipe
 
     # -- generation ----------------------------------------------------------------------------------------
@@ -243,7 +261,8 @@ class Studio:
         """Validate, run the pipeline, save the result and its settings; raises RefusedError for bad requests."""
         settings.check()
         folder = resolve_model_folder(self.models_dir, settings.model)
-        lora_path = resolve_lora_file(self.lora_dir, settings.lora)
+        lora_path = resolve_safetensors_file(self.lora_dir, settings.lora)
+        weights = resolve_safetensors_file(self.weights_dir, settings.transformer_weights, what="transformer weights")
         start = open_image_upload(settings.start_image, self.limits, "start image") if settings.start_image else None
         end = open_image_upload(settings.end_image, self.limits, "end image") if settings.end_image else None
         video_frames = video_size = None
@@ -265,7 +284,7 @@ class Studio:
         seed = random.randint(1, SEED_MAX) if settings.seed == -1 else settings.seed
 
         with self._lock:
-            pipe = self._ensure_model(settings.model, folder)
+            pipe = self._ensure_model(settings.model, folder, settings.transformer_weights or NONE_CHOICE, weights)
             if settings.kind in (IMAGE_TO_VIDEO, LONG_VIDEO) and not _is_inpaint_model(pipe):
                 raise RefusedError(f"{settings.kind.lower()} needs an InP model; {settings.model} is a text-only model")
             pipe.set_sampler(settings.sampler)

@@ -5,10 +5,9 @@ and ``/easyanimate/infer_forward``, with the original's JSON keys, defaults and 
 
 They go through the same :class:`~easyanimate.ui.generation.Studio` as the web page and keep its rules, which the
 original's routes did not have: a model is a folder of the models directory (named, or by a path that leads there;
-anything else is refused), LoRA weights come only from the LoRA folder and only as safetensors, uploads are checked
-before they are decoded, and results are written only to the output folder. Only the V4 edition exists here; a
-request naming a motion module or a Dreambooth base model (features of older editions and of the original's extra
-model folder) is refused with that reason.
+anything else is refused), LoRA and base-model (transformer) weights come only from their folders and only as
+safetensors, uploads are checked before they are decoded, and results are written only to the output folder. Only
+the V4 edition exists here; a request naming a motion module (EasyAnimate V1) is refused with that reason.
 """
 
 from __future__ import annotations
@@ -151,16 +150,18 @@ class OriginalAPI:
 
     def _settings(self, v: dict, uploads: Path) -> GenerationSettings:
         studio = self.studio
-        for key, what in (("base_model_path", "Dreambooth base models"), ("motion_module_path", "motion modules")):
-            if v[key] not in (None, "", NONE_CHOICE):
-                raise RefusedError(f"{key} {v[key]!r}: {what} are not supported by this V4 server; send 'none'")
+        if v["motion_module_path"] not in (None, "", NONE_CHOICE):
+            raise RefusedError(f"motion_module_path {v['motion_module_path']!r}: motion modules belong to EasyAnimate "
+                               "V1 and are not supported by this V4 server; send 'none'")
         if studio.loaded_model is None:
             raise RefusedError("no model loaded: POST /easyanimate/update_diffusion_transformer first")
         if not isinstance(v["prompt_textbox"], str) or not v["prompt_textbox"].strip():
             raise RefusedError("prompt_textbox is required")
-        lora = v["lora_model_path"]
+        lora, weights = v["lora_model_path"], v["base_model_path"]
         if lora not in (None, "", NONE_CHOICE):
             lora = _name_in(studio.lora_dir, lora, studio.lora_choices()[1:], "LoRA")
+        if weights not in (None, "", NONE_CHOICE):  # the original's Dreambooth base model: transformer weights
+            weights = _name_in(studio.weights_dir, weights, studio.weights_choices()[1:], "base model")
         limit = studio.limits.max_bytes
         start = end = video = None
         if v["start_image"]:
@@ -192,6 +193,7 @@ class OriginalAPI:
             guidance_scale=float(v["cfg_scale_slider"]),
             seed=int(v["seed_textbox"]),
             lora=lora or NONE_CHOICE,
+            transformer_weights=weights or NONE_CHOICE,
             lora_strength=float(v["lora_alpha_slider"]),
             denoise_strength=float(v["denoise_strength"]),
             partial_frames=int(v["partial_video_length"]),

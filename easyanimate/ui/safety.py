@@ -2,8 +2,8 @@
 
 The original UI binds to 0.0.0.0 and its HTTP routes take arbitrary filesystem paths (and load them with pickle).
 Here every file the server touches is chosen *by name* from a listing of an allowed folder and re-checked by its
-real path (so ``..``, absolute paths and symlinks that leave the folder are refused), LoRA weights are only
-``.safetensors``, uploads are checked for size, type and decoded dimensions before any model sees them, and
+real path (so ``..``, absolute paths and symlinks that leave the folder are refused), LoRA and transformer weights
+are only ``.safetensors``, uploads are checked for size, type and decoded dimensions before any model sees them, and
 results are written only below the output folder.
 """
 
@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from easyanimate.utils.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 NONE_CHOICE = "none"
-LORA_SUFFIX = ".safetensors"
+SAFETENSORS_SUFFIX = ".safetensors"
 # Files whose presence marks a folder as a model folder in the released layout.
 MODEL_MARKERS = ("model_index.json", "transformer/config.json")
 
@@ -60,13 +60,13 @@ def list_model_folders(models_dir: str | os.PathLike) -> list[str]:
     )
 
 
-def list_lora_files(lora_dir: str | os.PathLike) -> list[str]:
-    """``.safetensors`` files under ``lora_dir`` (relative POSIX paths) whose real path stays inside it."""
-    root = Path(lora_dir)
+def list_safetensors_files(folder: str | os.PathLike) -> list[str]:
+    """``.safetensors`` files under ``folder`` (relative POSIX paths) whose real path stays inside it."""
+    root = Path(folder)
     if not root.is_dir():
         return []
     names = []
-    for path in root.rglob(f"*{LORA_SUFFIX}"):
+    for path in root.rglob(f"*{SAFETENSORS_SUFFIX}"):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file() or not _within(path, root):
             continue
@@ -87,17 +87,18 @@ def resolve_model_folder(models_dir: str | os.PathLike, name: str | None) -> Pat
     return Path(os.path.realpath(Path(models_dir) / name))
 
 
-def resolve_lora_file(lora_dir: str | os.PathLike, name: str | None) -> Path | None:
-    """The real path of the LoRA file ``name`` listed under ``lora_dir``, or None for "none"."""
+def resolve_safetensors_file(folder: str | os.PathLike, name: str | None, what: str = "LoRA") -> Path | None:
+    """The real path of the file ``name`` listed under ``folder`` (LoRAs, transformer weights), or None for
+    "none"."""
     if not name or name == NONE_CHOICE:
         return None
-    available = list_lora_files(lora_dir)
+    available = list_safetensors_files(folder)
     if name not in available:
         raise RefusedError(
-            f"LoRA {name!r} is not one of the .safetensors files in {lora_dir}; choose one of {available} or 'none' "
-            "(the server only loads LoRA weights from its LoRA directory, and only as safetensors)"
+            f"{what} {name!r} is not one of the .safetensors files in {folder}; choose one of {available} or 'none' "
+            f"(the server only loads {what} from its own folder, and only as safetensors)"
         )
-    return Path(os.path.realpath(Path(lora_dir) / name))
+    return Path(os.path.realpath(Path(folder) / name))
 
 
 def _check_upload_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...], limits: UploadLimits) -> Path:
