@@ -198,6 +198,11 @@ def test_gradient_accumulation_steps_the_mean_gradient_of_micro_batches(data, tm
     expected, trained = vae.state_dict(), result.vae.state_dict()
     assert all(torch.allclose(expected[k], trained[k], atol=1e-6) for k in expected)
 
+    assert [r["lr"] for r in result.history] == [cfg.learning_rate] * 2
+    scaled = train(settings(data, tmp_path / "scaled", vae_config=str(vae_config), batch_size=1,
+                            gradient_accumulation_steps=2, disc_weight=0.0, max_train_steps=1, scale_lr=True))
+    assert scaled.history[0]["lr"] == pytest.approx(2 * cfg.learning_rate)  # x batch 1 x accumulation 2 x 1 process
+
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(Path(cfg.output_dir) / "checkpoint-1", resumed_dir / "checkpoint-1")

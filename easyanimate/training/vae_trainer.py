@@ -78,6 +78,8 @@ class VAETrainConfig:
     # optimisation
     max_train_steps: int = 100_000
     learning_rate: float = 1e-4
+    # the original's --scale_lr: the rate is learning_rate x batch_size x gradient_accumulation_steps x processes
+    scale_lr: bool = False
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     train_mode: str = "full"  # full | decoder_only | encoder_only
@@ -361,10 +363,15 @@ def train(cfg: VAETrainConfig) -> TrainResult:
     discriminators = loss_fn.discriminators
 
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    opt_ae = torch.optim.Adam(trainable, lr=cfg.learning_rate, betas=betas)
+    learning_rate = cfg.learning_rate
+    if cfg.scale_lr:
+        learning_rate *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+        logger.info("scale_lr: learning rate %g (%g x batch %d x accumulation %d x %d processes)", learning_rate,
+                    cfg.learning_rate, cfg.batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes)
+    opt_ae = torch.optim.Adam(trainable, lr=learning_rate, betas=betas)
     reconstruct = Reconstruct(vae)
     if discriminators is not None:
-        opt_disc = torch.optim.Adam(discriminators.parameters(), lr=cfg.learning_rate, betas=betas)
+        opt_disc = torch.optim.Adam(discriminators.parameters(), lr=learning_rate, betas=betas)
         reconstruct, discriminators, opt_ae, opt_disc = accelerator.prepare(
             reconstruct, discriminators, opt_ae, opt_disc
         )
@@ -466,6 +473,7 @@ def train(cfg: VAETrainConfig) -> TrainResult:
                     micro_logs[micro] = {**micro_logs[micro], **d_logs}
                 opt_disc.step()
             logs = {key: sum(float(m[key]) for m in micro_logs) / accum for key in micro_logs[0]}
+            logs["lr"] = opt_ae.param_groups[0]["lr"]
             pixels, reconstruction = reconstructed[-1]
 
             step += 1
