@@ -29,11 +29,11 @@ from easyanimate.ui.safety import (
     RefusedError,
     UploadLimits,
     check_video_upload,
-    list_safetensors_files,
     list_model_folders,
+    list_safetensors_files,
     open_image_upload,
-    resolve_safetensors_file,
     resolve_model_folder,
+    resolve_safetensors_file,
 )
 
 logger = logging.getLogger(__name__)
