@@ -4,6 +4,7 @@ metadata.json with empty captions; then caption the clips and check them with sc
 
     python scripts/split_videos.py raw_videos/ datasets/my_clips
     python scripts/split_videos.py a.mp4 b.mp4 datasets/my_clips --min_seconds 2 --max_seconds 6 --min_pixels 0
+    python scripts/split_videos.py raw_videos/ datasets/my_clips --min_motion 2      # leave out still shots
 
 Re-running continues where an interrupted run stopped. Exit status 1 when a video had to be skipped as unreadable.
 """
@@ -31,10 +32,14 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=defaults.threshold,
                         help="scene-cut sensitivity (PySceneDetect ContentDetector; larger finds fewer cuts)")
     parser.add_argument("--crf", type=int, default=defaults.crf, help="H.264 quality of the clips (lower: better)")
+    parser.add_argument("--min_motion", type=float, default=None,
+                        help="leave out clips whose motion score (mean optical flow in pixels, half a second apart, "
+                             "at a 256-px short side) is lower; recorded as motion_score in the metadata")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        settings = SplitSettings(args.min_seconds, args.max_seconds, args.min_pixels, args.threshold, args.crf)
+        settings = SplitSettings(args.min_seconds, args.max_seconds, args.min_pixels, args.threshold, args.crf,
+                                 args.min_motion)
         metadata, report = split_videos(args.inputs, args.out_dir, settings)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from easyanimate.data.metadata import load_metadata
-from easyanimate.data.prepare import SplitSettings, scene_pieces, split_videos
+from easyanimate.data.prepare import SplitSettings, motion_score, scene_pieces, split_videos
 from easyanimate.utils.video_io import read_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,3 +92,33 @@ def test_small_and_unreadable_videos_are_skipped_and_reported(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "split_videos.py"), str(tmp_path / "none"),
                              str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "no such file or folder" in result.stderr
+
+
+def write_pan(path: Path, seconds: float, pixels_per_frame: int, height=64, width=96) -> Path:
+    """A smooth random texture sliding sideways by ``pixels_per_frame`` (0: a still shot)."""
+    rng = np.random.default_rng(0)
+    texture = rng.random((height, 4 * width))
+    for axis in (0, 1):  # blur, so the optical flow has gradients to follow
+        for _ in range(3):
+            texture = (texture + np.roll(texture, 1, axis) + np.roll(texture, -1, axis)) / 3
+    texture = ((texture - texture.min()) / np.ptp(texture) * 200 + 20).astype(np.uint8)
+    frames = [np.repeat(texture[:, x : x + width, None], 3, axis=2)
+              for x in (pixels_per_frame * t for t in range(round(seconds * FPS)))]
+    imageio.mimwrite(path, frames, fps=FPS, codec="libx264", pixelformat="yuv420p", macro_block_size=16,
+                     output_params=["-crf", "12"])
+    return path
+
+
+def test_motion_score_and_the_static_clip_filter(tmp_path):
+    """A still shot scores ~0; a pan of 1 px per frame at 96x64 is 4 px per half second, 16 px at the 256-px scale
+    the score is measured at; --min_motion leaves the still shot out of the metadata."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    still, pan = write_pan(raw / "still.mp4", 4, 0), write_pan(raw / "pan.mp4", 4, 1)
+    assert motion_score(still) < 0.2
+    assert 10 < motion_score(pan) < 20
+    metadata, report = split_videos([raw], tmp_path / "out", SplitSettings(min_pixels=0, min_motion=2.0),
+                                    progress=False)
+    rows = json.loads(metadata.read_text())
+    assert (report.clips, report.static) == (1, 1) and "static" in report.summary()
+    assert [Path(r["source"]).name for r in rows] == ["pan.mp4"] and rows[0]["motion_score"] > 10

@@ -4,7 +4,8 @@ Each video is cut at its scene changes (PySceneDetect's content detector); scene
 dropped, longer than ``max_seconds`` cut into equal pieces of at most that length, and videos below ``min_pixels``
 skipped. Every piece is re-encoded to its own mp4 (H.264, frame-accurate cuts, no audio) and listed in a
 ``metadata.json`` in the training format with an empty caption, ready for captions and ``scripts/check_dataset.py``.
-The original's later stages (aesthetic, OCR and motion filters, VILA captions, LLM rewrites) need model weights
+With ``min_motion``, clips that hardly move are left out (:func:`motion_score`, the original's optical-flow filter
+of its second stage). Its other stages (aesthetic and OCR filters, VILA captions, LLM rewrites) need model weights
 and are not part of this project.
 
 Re-running the same command skips the clips already written and rewrites the metadata; every clip is encoded
@@ -21,6 +22,8 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..utils.video_io import VIDEO_SUFFIXES
 
@@ -39,6 +42,7 @@ class SplitSettings:
     min_pixels: int = 512 * 512
     threshold: float = 27.0  # PySceneDetect ContentDetector: larger finds fewer cuts
     crf: int = 18  # H.264 quality of the written clips (lower is better, larger files)
+    min_motion: float | None = None  # drop clips whose motion_score is lower (None: keep all)
 
     def __post_init__(self):
         if not 0 < self.min_seconds <= self.max_seconds:
@@ -53,12 +57,14 @@ class SplitReport:
 
     clips: int = 0
     reused: int = 0
+    static: int = 0  # clips left out of the metadata for moving less than min_motion
     videos: int = 0
     skipped: dict[str, str] | None = None
 
     def summary(self) -> str:
         skipped = self.skipped or {}
-        lines = [f"{self.videos} videos -> {self.clips} clips ({self.reused} already there), {len(skipped)} skipped"]
+        lines = [f"{self.videos} videos -> {self.clips} clips ({self.reused} already there, {self.static} left out as "
+                 f"static), {len(skipped)} videos skipped"]
         lines += [f"  skipped {path}: {why}" for path, why in sorted(skipped.items())]
         return "\n".join(lines)
 
@@ -74,6 +80,34 @@ def scene_pieces(start: float, end: float, settings: SplitSettings) -> list[tupl
     if length < settings.min_seconds:
         return []
     return [(start + i * length, start + (i + 1) * length) for i in range(count)]
+
+
+MOTION_FPS = 2  # frame pairs half a second apart
+MOTION_SIDE = 256  # short side the flow is computed at, so scores do not depend on the resolution
+
+
+def motion_score(path: str | os.PathLike) -> float:
+    """How much a clip moves: the mean optical-flow magnitude (OpenCV Farneback, grey frames scaled to a 256-px
+    short side) between frames half a second apart, in pixels. A still shot scores about 0; a slow pan of a few
+    percent of the frame per second scores a few pixels."""
+    import cv2
+    from decord import VideoReader, cpu
+
+    reader = VideoReader(str(path), ctx=cpu(0))
+    step = max(1, round(reader.get_avg_fps() / MOTION_FPS))
+    indices = list(range(0, len(reader), step))
+    if len(indices) < 2:
+        return 0.0
+    frames = reader.get_batch(indices).asnumpy()
+    height, width = frames.shape[1:3]
+    scale = MOTION_SIDE / min(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    grey = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA) for f in frames]
+    magnitudes = []
+    for before, after in zip(grey, grey[1:]):
+        flow = cv2.calcOpticalFlowFarneback(before, after, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
+    return float(np.mean(magnitudes))
 
 
 def find_videos(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -148,10 +182,16 @@ def split_videos(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, se
                 report.reused += 1
             else:
                 _cut(ffmpeg, video, start, end, target, settings.crf)
+            row = {"file_path": name, "text": "", "type": "video", "width": width - width % 2,
+                   "height": height - height % 2, "source": str(video), "start_seconds": round(start, 3),
+                   "end_seconds": round(end, 3)}
+            if settings.min_motion is not None:
+                row["motion_score"] = round(motion_score(target), 3)
+                if row["motion_score"] < settings.min_motion:
+                    report.static += 1
+                    continue  # the file stays, so a re-run with another threshold need not cut it again
             report.clips += 1
-            rows.append({"file_path": name, "text": "", "type": "video", "width": width - width % 2,
-                         "height": height - height % 2,
-                         "source": str(video), "start_seconds": round(start, 3), "end_seconds": round(end, 3)})
+            rows.append(row)
     metadata = out_dir / METADATA_NAME
     partial = metadata.with_name(f".{metadata.name}.partial")
     partial.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
