@@ -323,18 +323,22 @@ def test_lora_trains_saves_and_changes_pipeline_output(tiny_model_dir, data, tmp
 
     from easyanimate.pipeline import EasyAnimatePipeline
 
-    args = _args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps", "3",
+    args = _args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps", "6",
                  "--checkpointing_steps", "3", "--learning_rate", "1e-2", "--lora", "--rank", "4",
-                 "--network_alpha", "2")
+                 "--network_alpha", "2", "--logging_dir", "tb", "--validation_prompts", "a gradient",
+                 "--validation_steps", "1000", "--validation_epochs", "1", "--validation_inference_steps", "2")
     args[args.index("--report_to") + 1] = "tensorboard"
-    train(parse_args(args))
+    result = train(parse_args(args))
+    # validation_steps is never reached: the samples are the end-of-epoch ones
+    samples = sorted(p.name for p in (tmp_path / "sample").glob("sample-*-0.gif"))
+    assert samples and result.global_step == 6, samples
     lora_file = tmp_path / "checkpoint-3.safetensors"
     state = load_file(lora_file)
     assert "lora_unet__blocks_0_attn1_to_q.lora_down.weight" in state and "lora_unet__proj_out.alpha" in state
     assert state["lora_unet__blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 4
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_up" in k)  # trained away from zero
     assert (tmp_path / "checkpoint-3" / "lora_diffusion_pytorch_model.safetensors").is_file()
-    assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "no TensorBoard log in --logging_dir"
 
     pipe = EasyAnimatePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32, device="cpu")
     kwargs = dict(height=32, width=32, video_length=1, num_inference_steps=2, output_type="latent")

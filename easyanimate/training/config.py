@@ -126,8 +126,11 @@ class TrainConfig:
     resume_from_checkpoint: str = _f(None, "'latest' or a checkpoint folder")
     validation_prompts: list = _f([], "prompts rendered every validation_steps", nargs="*")
     validation_steps: int = _f(2000, "render validation samples every N steps")
+    validation_epochs: int = _f(None, "also render them at the end of every N-th epoch (the original: 5; off here, "
+                                "as small datasets finish epochs every few steps)")
     validation_inference_steps: int = _f(50, "sampler steps of validation samples")
     report_to: str = _f("tensorboard", "accelerate tracker ('none' to disable)")
+    logging_dir: str = _f("logs", "tracker (TensorBoard) logs, relative to output_dir")
     tracker_project_name: str = _f("easyanimate-train", "tracker run name")
 
     def __post_init__(self):
@@ -147,6 +150,8 @@ class TrainConfig:
                              "(the original: --rank 64 --network_alpha 64)")
         if self.use_came and self.use_8bit_adam:
             raise ValueError("--use_came and --use_8bit_adam each choose the optimizer; pass only one")
+        if self.validation_epochs is not None and self.validation_epochs < 1:
+            raise ValueError(f"--validation_epochs must be >= 1, got {self.validation_epochs}")
         if self.adapt_transformer_channels and not self.transformer_path:
             raise ValueError("--adapt_transformer_channels fits the weights of --transformer_path; pass that too")
         if self.lora and self.rank < 1:

@@ -339,7 +339,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / cfg.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if cfg.allow_tf32:
@@ -526,6 +527,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 raise DataError(f"epoch {epoch} produced no batch: no bucket of the readable entries fills a batch of "
                                 f"{cfg.train_batch_size}; {health.summary()}")
             epoch, rounds = epoch + 1, 0
+            if (cfg.validation_prompts and cfg.validation_epochs and epoch % cfg.validation_epochs == 0
+                    and accelerator.is_main_process):
+                render_validation(frozen, transformer, ema, cfg, global_step, output_dir)
 
     # --- the end: final checkpoint (if the last step was not one), EMA weights into the model
     if global_step % cfg.checkpointing_steps:
