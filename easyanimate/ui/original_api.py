@@ -30,7 +30,7 @@ from easyanimate.ui.generation import (
     GenerationSettings,
     Studio,
 )
-from easyanimate.ui.safety import NONE_CHOICE, RefusedError
+from easyanimate.ui.safety import NONE_CHOICE, RefusedError, is_within
 
 logger = logging.getLogger(__name__)
 SUCCESS = {"message": "Success"}
@@ -74,9 +74,8 @@ def _name_in(folder: Path, value: str, choices: list[str], what: str) -> str:
     ``folder`` (the original's clients send paths such as ``models/Diffusion_Transformer/EasyAnimateV4-XL-2-InP``)."""
     if value in choices:
         return value
-    real, root = os.path.realpath(value), os.path.realpath(folder)
-    if os.path.commonpath([real, root]) == root:
-        relative = Path(os.path.relpath(real, root)).as_posix()
+    if is_within(Path(value), folder):
+        relative = Path(os.path.relpath(os.path.realpath(value), os.path.realpath(folder))).as_posix()
         if relative in choices:
             return relative
     raise RefusedError(f"{what} {value!r} is not in {folder}; this server offers {choices}")

@@ -38,7 +38,7 @@ class UploadLimits:
     max_video_frames: int = 2000
 
 
-def _within(path: Path, root: Path) -> bool:
+def is_within(path: Path, root: Path) -> bool:
     """True when ``path``'s real location is ``root`` or below it (both resolved through symlinks)."""
     real, real_root = os.path.realpath(path), os.path.realpath(root)
     return os.path.commonpath([real, real_root]) == real_root
@@ -56,7 +56,7 @@ def list_model_folders(models_dir: str | os.PathLike) -> list[str]:
     return sorted(
         entry.name
         for entry in root.iterdir()
-        if not entry.name.startswith(".") and entry.is_dir() and _within(entry, root) and _is_model_folder(entry)
+        if not entry.name.startswith(".") and entry.is_dir() and is_within(entry, root) and _is_model_folder(entry)
     )
 
 
@@ -68,7 +68,7 @@ def list_safetensors_files(folder: str | os.PathLike) -> list[str]:
     names = []
     for path in root.rglob(f"*{SAFETENSORS_SUFFIX}"):
         rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file() or not _within(path, root):
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file() or not is_within(path, root):
             continue
         names.append(rel.as_posix())
     return sorted(names)
@@ -171,6 +171,6 @@ class OutputFolder:
 
     def check(self, path: str | os.PathLike) -> Path:
         """Refuse to write ``path`` unless it lies inside the output folder."""
-        if not _within(Path(path).parent, self.root):
+        if not is_within(Path(path).parent, self.root):
             raise RefusedError(f"refusing to write {path}: outside the output folder {self.root}")
         return Path(path)
