@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.atomic import write_text_atomic
 from ..utils.video_io import VIDEO_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -192,8 +193,5 @@ def split_videos(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, se
                     continue  # the file stays, so a re-run with another threshold need not cut it again
             report.clips += 1
             rows.append(row)
-    metadata = out_dir / METADATA_NAME
-    partial = metadata.with_name(f".{metadata.name}.partial")
-    partial.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(partial, metadata)
+    metadata = write_text_atomic(out_dir / METADATA_NAME, json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
     return metadata, report

@@ -35,6 +35,7 @@ from easyanimate.ui.safety import (
     resolve_model_folder,
     resolve_safetensors_file,
 )
+from easyanimate.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -356,10 +357,7 @@ class Studio:
         save_video(videos, media, fps=FPS)  # writes a temporary file and renames it
         settings = {**settings, "output": media.name, "fps": None if is_image else FPS}
         settings_path = self.output.check(stem.with_suffix(".json"))
-        text = json.dumps(settings, indent=2, ensure_ascii=False)
-        tmp = settings_path.with_name(f".{settings_path.name}.partial")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, settings_path)
+        write_text_atomic(settings_path, json.dumps(settings, indent=2, ensure_ascii=False))
         logger.info("saved %s and %s", media, settings_path.name)
         return GenerationResult(path=media, settings_path=settings_path, is_image=is_image, settings=settings)
 

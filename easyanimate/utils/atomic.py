@@ -1,4 +1,4 @@
-"""Writing folders so that an interrupted write never leaves one that looks complete."""
+"""Writing files and folders so that an interrupted write never leaves one that looks complete."""
 
 from __future__ import annotations
 
@@ -26,3 +26,13 @@ def building_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a hidden sibling of ``path`` and rename it over ``path``: readers see the old
+    file or the whole new one, never a part."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+    return path
