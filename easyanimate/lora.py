@@ -425,17 +425,41 @@ class LoRANetwork(nn.Module):
         return groups
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
-        """Write the adapters as a safetensors file in the original's format (via a temporary file + rename)."""
+        """Write the adapters as a safetensors file in the original's format (via a temporary file + rename), with
+        the ``sshs_model_hash`` / ``sshs_legacy_hash`` metadata the original adds (see
+        :func:`additional_networks_hashes`)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
                  for k, v in self.state_dict().items()}
+        metadata = dict(metadata or {"format": "pt"})
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = additional_networks_hashes(state, metadata)
         tmp = path.with_name(f".{path.name}.partial")
         try:
-            save_file(state, str(tmp), metadata=metadata or {"format": "pt"})
+            save_file(state, str(tmp), metadata=metadata)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+
+def additional_networks_hashes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """The two hashes that sd-webui-additional-networks shows for a LoRA file and that the original stores in its
+    metadata, computed on the file as it is saved with only the ``ss_*`` metadata entries (hashes must not depend
+    on themselves):
+
+    * ``sshs_model_hash``: SHA-256 of everything after the header (the tensor bytes), full hex;
+    * ``sshs_legacy_hash``: SHA-256 of the 64 KiB at byte offset 1 MiB of that file, first 8 hex digits (of
+      nothing, for files under 1 MiB).
+    """
+    import hashlib
+
+    from safetensors.torch import save
+
+    blob = save(dict(state), metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_length = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_length:]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash

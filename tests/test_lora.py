@@ -235,3 +235,35 @@ def test_trained_network_and_merged_file_agree_on_the_tiny_pipeline(tiny_pipe, t
     pipe.unload_lora()
     assert_bitwise_equal(before, modules)
     assert torch.equal(run_tiny(pipe), base)
+
+
+def test_saved_lora_carries_the_additional_networks_hashes(tmp_path):
+    """The original writes sd-webui-additional-networks' hashes into every LoRA file it saves; recompute them from
+    the saved file: the model hash covers the bytes after the header, the legacy hash the 64 KiB at 1 MiB of the
+    file as saved with only ``ss_*`` metadata (here none: a file over 1 MiB, so the window is real data)."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(3)])
+    network = LoRANetwork(model, rank=128, alpha=64.0)
+    with torch.no_grad():
+        for adapter in network.children():
+            adapter.lora_up.weight.normal_()
+    path = network.save(tmp_path / "hashed.safetensors", metadata={"ss_note": "demo", "other": "x"})
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["ss_note"] == "demo" and meta["other"] == "x"
+    blob = path.read_bytes()
+    header = int.from_bytes(blob[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(blob[8 + header:]).hexdigest()
+    save_file(state, str(tmp_path / "ss_only.safetensors"), metadata={"ss_note": "demo"})
+    window = (tmp_path / "ss_only.safetensors").read_bytes()[0x100000:0x110000]
+    assert len(window) == 0x10000
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(window).hexdigest()[:8]
+    # Non-ss metadata does not move the hashes; ss metadata moves the legacy one only (it shifts the window).
+    plain = safe_open(str(network.save(tmp_path / "plain.safetensors")), "pt").metadata()
+    assert plain["sshs_model_hash"] == meta["sshs_model_hash"]
+    assert plain["sshs_legacy_hash"] != meta["sshs_legacy_hash"]
