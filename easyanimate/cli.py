@@ -117,6 +117,9 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                           "next free number")
     out.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     out.add_argument("--fps", type=int, default=24, help="frames per second of the written video")
+    out.add_argument("--color-transfer", action="store_true",
+                     help="match every frame's colour statistics (CIELAB mean and spread) to the first frame's, "
+                          "the original's optional fix for colour drift")
     return parser
 
 
@@ -301,6 +304,6 @@ def main(task: str, argv: list[str] | None = None) -> Path:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(f"loaded {args.model} in {time.time() - start:.1f}s", file=sys.stderr)
     videos = generate(task, job, pipe)
-    path = save_video(videos, job.output, fps=args.fps)
+    path = save_video(videos, job.output, fps=args.fps, color_transfer=args.color_transfer)
     print(path)
     return path

@@ -89,7 +89,7 @@ def test_help_explains_the_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--prompt", "--negative-prompt", "--sampler", "--steps", "--height", "--width",
                  "--frames", "--fps", "--guidance", "--seed", "--lora", "--lora-weight", "--memory-mode", "--dtype",
-                 "--output", "--video", "--strength"):
+                 "--output", "--video", "--strength", "--color-transfer"):
         assert flag in out
 
 
@@ -116,7 +116,8 @@ def test_i2v_start_and_end_image(tiny_model_dir, tmp_path, start_image):
     end = save_video(torch.rand(3, 1, 20, 30), tmp_path / "end.png")
     path = cli.main("i2v", ["--model", str(tiny_model_dir), "--prompt", "a blue square moving up",
                             "--image", str(start_image), "--end-image", str(end), "--height", "32", "--width", "32",
-                            "--frames", "8", "--sampler", "DDIM", "--output", str(tmp_path / "i2v.mp4")] + FAST)
+                            "--frames", "8", "--sampler", "DDIM", "--color-transfer",
+                            "--output", str(tmp_path / "i2v.mp4")] + FAST)
     assert read_video(path).shape == (3, 8, 32, 32)
 
 

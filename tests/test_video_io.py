@@ -94,3 +94,36 @@ def test_clear_errors(tmp_path):
         save_video(smooth_video(), tmp_path / "clip.xyz")
     with pytest.raises(MediaError, match="shape"):
         save_video(torch.zeros(8, 3, 4, 4), tmp_path / "clip.mp4")
+
+
+def test_colour_transfer_undoes_a_drift_and_keeps_the_first_frame():
+    import cv2
+
+    from easyanimate.utils.video_io import match_colours_to_first_frame
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(40, 200, size=(24, 32, 3))
+    # Frames drift: brighter, redder, lower contrast; the last frame is flat (a zero spread must not blow up).
+    frames = [base] + [(base - 120) * (1 - 0.1 * k) + 120 + np.array([12.0 * k, 4.0 * k, -6.0 * k]) for k in (1, 2, 3)]
+    frames.append(np.full_like(base, 90.0))
+    frames = np.clip(np.stack(frames), 0, 255).astype(np.uint8)
+    out = match_colours_to_first_frame(frames)
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    assert np.array_equal(out[0], frames[0])
+
+    def lab_stats(frame):
+        lab = cv2.cvtColor(frame, cv2.COLOR_RGB2LAB).astype(np.float64)
+        return lab.mean(axis=(0, 1)), lab.std(axis=(0, 1))
+
+    mean0, std0 = lab_stats(frames[0])
+    for k in (1, 2, 3):
+        mean_before, _ = lab_stats(frames[k])
+        mean, std = lab_stats(out[k])
+        assert np.abs(mean_before - mean0).max() > 5  # there was a drift to undo
+        np.testing.assert_allclose(mean, mean0, atol=1.5)  # LAB -> RGB -> LAB rounding
+        np.testing.assert_allclose(std, std0, rtol=0.05, atol=1.0)
+        # The picture is kept: the corrected frame still follows the first frame pixel by pixel.
+        assert np.corrcoef(out[k][..., 1].ravel(), frames[0][..., 1].ravel())[0, 1] > 0.95
+    mean, std = lab_stats(out[4])
+    np.testing.assert_allclose(mean, mean0, atol=1.5)
+    assert np.all(std < 1.0)  # a flat frame stays flat (in the first frame's mean colour)

@@ -56,6 +56,24 @@ def frames_to_uint8(videos: torch.Tensor | np.ndarray, nrow: int = 6, padding: i
     return (grid * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
 
 
+def match_colours_to_first_frame(frames: np.ndarray) -> np.ndarray:
+    """The original's optional ``color_transfer`` post-process: give every frame after the first the per-channel
+    mean and standard deviation of the first frame in CIELAB (OpenCV's 8-bit LAB), which undoes a slow colour drift
+    over a video. (F, H, W, 3) uint8 in and out. A channel that is flat in some frame keeps its spread (the
+    original divides by its zero deviation)."""
+    import cv2
+
+    lab = np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2LAB) for frame in frames]).astype(np.float64)
+    target_mean, target_std = lab[0].mean(axis=(0, 1)), lab[0].std(axis=(0, 1))
+    out = [frames[0]]
+    for frame in lab[1:]:
+        mean, std = frame.mean(axis=(0, 1)), frame.std(axis=(0, 1))
+        scale = np.divide(target_std, std, out=np.ones_like(std), where=std > 0)
+        matched = np.clip(np.rint((frame - mean) * scale + target_mean), 0, 255).astype(np.uint8)
+        out.append(cv2.cvtColor(matched, cv2.COLOR_LAB2RGB))
+    return np.stack(out)
+
+
 def _atomic_target(path: Path) -> Path:
     """A temporary file next to ``path`` with the same suffix (writers pick the format from it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +82,10 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
-def save_video(videos: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: int = 24) -> Path:
+def save_video(videos: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: int = 24,
+               color_transfer: bool = False) -> Path:
     """Save a video tensor in [0, 1] ((B, 3, F, H, W) or (3, F, H, W)) to ``path`` and return the path.
+    ``color_transfer`` matches every frame's colours to the first one's (:func:`match_colours_to_first_frame`).
 
     ``.mp4`` (and other ffmpeg containers) and ``.gif`` write all frames; an image suffix (``.png``, ``.jpg``)
     writes the first frame, which is what a one-frame generation is. mp4 frames need even sizes for the default
@@ -78,6 +98,8 @@ def save_video(videos: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: 
     if fps <= 0:
         raise MediaError(f"fps must be positive, got {fps}")
     frames = frames_to_uint8(videos)
+    if color_transfer:
+        frames = match_colours_to_first_frame(frames)
     tmp = _atomic_target(path)
     try:
         if suffix in IMAGE_SUFFIXES:
