@@ -53,8 +53,8 @@ class Job:
     args: argparse.Namespace
     output: Path
     notices: list[str] = field(default_factory=list)
-    image: object = None  # PIL start image (i2v)
-    end_image: object = None  # PIL end image (i2v)
+    image: object = None  # PIL start image, or a list of start frames (i2v)
+    end_image: object = None  # PIL end image, or a list of end frames (i2v)
     video: object = None  # (1, 3, F, H, W) tensor in [0, 1] (v2v)
 
 
@@ -98,8 +98,12 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                      help=f"number of frames: 1 (an image) or a multiple of {FRAME_MULTIPLE}; other counts are "
                           "rounded down with a notice, as the original does")
     if task == "i2v":
-        gen.add_argument("--image", type=Path, required=True, help="start image (kept as the first frames)")
-        gen.add_argument("--end-image", type=Path, default=None, help="optional end image (the last frames)")
+        gen.add_argument("--image", type=Path, nargs="+", required=True,
+                         help="start image, kept as the first 3 frames; several images are the first frames in "
+                              "order (e.g. the end of a video to continue)")
+        gen.add_argument("--end-image", type=Path, nargs="+", default=None,
+                         help="optional end image, kept as the last 3 frames; several images are the last frames "
+                              "in order")
         gen.add_argument("--chunk-frames", type=int, default=None,
                          help="long video: generate in chunks of this many frames (a multiple of "
                               f"{FRAME_MULTIPLE}), each continuing from the end of the previous one; then --frames "
@@ -190,9 +194,20 @@ def validate(task: str, args: argparse.Namespace) -> Job:
         if task == "i2v":
             if args.frames == 1 and not long_video:
                 raise InputError("image-to-video needs more than one frame (--frames)")
-            job.image = read_image(args.image)
+            # Several images are frames of the first pass (start) and the last (end): they must fit in it.
+            one_pass = not long_video or args.frames <= args.chunk_frames
+            pass_frames, where = (args.frames, "") if one_pass else (args.chunk_frames, " per chunk")
+            known = {flag: len(paths) for flag, paths in (("--image", args.image), ("--end-image", args.end_image))
+                     if paths is not None and len(paths) > 1}
+            for flag, count in known.items():
+                if count > pass_frames:
+                    raise InputError(f"{flag}: {count} images but only {pass_frames} frames are generated{where}")
+            if one_pass and len(known) == 2 and sum(known.values()) > pass_frames:
+                raise InputError(f"{known['--image']} start and {known['--end-image']} end images overlap in "
+                                 f"{pass_frames} frames: give fewer images or more --frames")
+            job.image = _read_images(args.image)
             if args.end_image is not None:
-                job.end_image = read_image(args.end_image)
+                job.end_image = _read_images(args.end_image)
         if task == "v2v":
             video = read_video(args.video, num_frames=args.frames, size=(args.height, args.width))
             job.video = video[None]
@@ -216,6 +231,12 @@ def validate(task: str, args: argparse.Namespace) -> Job:
             raise InputError(f"--output {output} already exists; choose another name or pass --overwrite")
         job.output = output
     return job
+
+
+def _read_images(paths: list[Path]):
+    """One image as itself (the pipeline spreads it over 3 frames, as the original), several as a list of frames."""
+    images = [read_image(path) for path in paths]
+    return images[0] if len(images) == 1 else images
 
 
 def _torch_dtype(name: str):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +72,12 @@ def test_bad_input_is_rejected_before_loading(capsys, tmp_path, no_model_load, f
                        "image file not found")
     expect_usage_error(capsys, "i2v", base + ["--image", str(start_image), "--chunk-frames", "12"],
                        "--chunk-frames must be a positive multiple of 8")
+    nine = ["--image"] + [str(start_image)] * 9
+    expect_usage_error(capsys, "i2v", base + nine + ["--frames", "8"], "--image: 9 images but only 8 frames are generated")
+    expect_usage_error(capsys, "i2v", base + nine + ["--frames", "24", "--chunk-frames", "8"],
+                       "--image: 9 images but only 8 frames are generated per chunk")
+    expect_usage_error(capsys, "i2v", base + nine[:6] + ["--end-image"] + nine[1:5] + ["--frames", "8"],
+                       "5 start and 4 end images overlap in 8 frames")
     expect_usage_error(capsys, "v2v", base + ["--video", str(tmp_path / "none.mp4")], "video file not found")
     video = save_video(torch.rand(3, 8, 32, 32), tmp_path / "in.mp4")
     expect_usage_error(capsys, "v2v", base + ["--video", str(video), "--frames", "16"], "fewer than the 16 requested")
@@ -112,10 +119,22 @@ def test_t2i_writes_png(tiny_model_dir, tmp_path, capsys):
     assert read_image(path).size == (32, 48)
 
 
+def test_one_start_image_is_spread_several_are_frames(no_model_load, fake_model_dir, tmp_path, start_image):
+    second = save_video(torch.rand(3, 1, 20, 30), tmp_path / "second.png")
+    base = ["--model", str(fake_model_dir), "--prompt", "a red circle", "--frames", "8"]
+    job = cli.validate("i2v", cli.build_parser("i2v").parse_args(base + ["--image", str(start_image)]))
+    assert not isinstance(job.image, list) and job.image.size == (30, 20)  # the pipeline puts it on 3 frames
+    job = cli.validate("i2v", cli.build_parser("i2v").parse_args(
+        base + ["--image", str(start_image), str(second), "--end-image", str(second)]))
+    assert isinstance(job.image, list) and len(job.image) == 2 and not isinstance(job.end_image, list)
+    assert np.array_equal(np.asarray(job.image[1]), np.asarray(read_image(second)))
+
+
 def test_i2v_start_and_end_image(tiny_model_dir, tmp_path, start_image):
     end = save_video(torch.rand(3, 1, 20, 30), tmp_path / "end.png")
     path = cli.main("i2v", ["--model", str(tiny_model_dir), "--prompt", "a blue square moving up",
-                            "--image", str(start_image), "--end-image", str(end), "--height", "32", "--width", "32",
+                            "--image", str(start_image), str(end), "--end-image", str(end),
+                            "--height", "32", "--width", "32",
                             "--frames", "8", "--sampler", "DDIM", "--color-transfer",
                             "--output", str(tmp_path / "i2v.mp4")] + FAST)
     assert read_video(path).shape == (3, 8, 32, 32)
