@@ -199,7 +199,7 @@ def test_uploads_are_checked_for_type_size_and_content(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(width=100), "width must be between 64 and 2048 and a multiple of 16"),
+        (dict(width=100), "width must be between 16 and 2048 and a multiple of 16"),
         (dict(frames=12), "frame count"),
         (dict(frames=152), "frame count"),
         (dict(sampler="Heun"), "unknown sampler"),

@@ -67,3 +67,42 @@ def test_page_generates_a_video_when_generate_is_clicked(browser, tiny_model_dir
         assert (studio.output.root / settings["output"]).is_file()
     finally:
         demo.close()
+
+
+def test_template_start_image_fills_the_inputs_and_generates(browser, tiny_model_dir, tmp_path):
+    """The image-to-video templates (as the original's five) fill start image, prompt and the demo's size."""
+    from playwright.sync_api import expect
+
+    from easyanimate.demo.examples import IMAGE_TEMPLATES
+    from easyanimate.ui.app import DEFAULT_MODEL_NAME
+
+    template = IMAGE_TEMPLATES[2]  # the 48 x 96 one: the size must follow the template
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / DEFAULT_MODEL_NAME)  # preselected: the demo's start sizes
+    studio = Studio(tmp_path / "models", tmp_path / "loras", tmp_path / "samples")
+    demo = launch(studio, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
+    try:
+        page = browser.new_page()
+        page.goto(demo.local_url)
+        expect(page.locator("#generate")).to_be_visible(timeout=30_000)
+        assert page.locator("#width input[type=number]").input_value() == "64"  # the demo's size, not 672 x 384
+        expect(page.locator("#image-templates")).to_be_hidden()
+        page.get_by_label("Image to Video").check()
+        templates = page.locator("#image-templates")
+        expect(templates).to_be_visible()
+        templates.locator("tbody tr").nth(2).click()
+        expect(page.locator("#prompt textarea")).to_have_value(template.prompt)
+        expect(page.locator("#width input[type=number]")).to_have_value("96")
+        expect(page.locator("#height input[type=number]")).to_have_value("48")
+        box = page.locator("#steps input[type=number]")
+        box.fill("2")
+        box.press("Enter")
+        page.locator("#generate").click()
+        expect(page.locator("#result-video video")).to_be_visible(timeout=120_000)
+
+        (settings_file,) = studio.output.root.glob("*.json")
+        settings = json.loads(settings_file.read_text())
+        assert settings["kind"] == "Image to Video" and settings["prompt"] == template.prompt
+        assert settings["start_image"] == template.image
+        assert (settings["width"], settings["height"], settings["frames"]) == (96, 48, 16)
+    finally:
+        demo.close()

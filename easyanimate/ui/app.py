@@ -15,6 +15,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from easyanimate.demo.examples import IMAGE_TEMPLATES, STEPS as DEMO_STEPS, TEXT_EXAMPLES
+from easyanimate.demo.shapes import NUM_FRAMES as DEMO_FRAMES
 from easyanimate.ui.generation import (
     BASE_RESOLUTIONS,
     DEFAULT_NEGATIVE_PROMPT,
@@ -47,6 +49,10 @@ logger = logging.getLogger(__name__)
 # Model switches and generations share one queue slot: neither can start while the other runs.
 MODEL_SLOT = "model"
 DEFAULT_MODEL_NAME = "EasyAnimateV4-demo"  # preselected when present: the small shipped demo runs on a CPU
+# Starting values of width, height, frames and steps: the original's, or the demo's when the demo is preselected
+# (at the original's 672 x 384 x 144 the demo would run for the better part of an hour on a CPU, and badly).
+ORIGINAL_START = {"width": 672, "height": 384, "frames": 144, "steps": 30}
+DEMO_START = {"width": 64, "height": 64, "frames": DEMO_FRAMES, "steps": DEMO_STEPS}
 
 
 def _refusal(exc: Exception) -> gr.Error:
@@ -60,6 +66,8 @@ def _refusal(exc: Exception) -> gr.Error:
 def build_app(studio: Studio) -> gr.Blocks:
     """The page: model and LoRA pickers, prompts, sampling settings, the generation kind and its inputs, results."""
     models = studio.model_choices()
+    preselected = DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in models else (models[0] if models else None)
+    start = DEMO_START if preselected == DEFAULT_MODEL_NAME else ORIGINAL_START
 
     def refresh(model, lora, weights):
         model_names, lora_names, weight_names = studio.model_choices(), studio.lora_choices(), studio.weights_choices()
@@ -82,6 +90,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         long = kind == LONG_VIDEO
         most_frames = LONG_FRAMES_MAX if long else FRAMES_RANGE[1]
         return (
+            gr.Group(visible=images),
             gr.Group(visible=images),
             gr.Group(visible=kind == VIDEO_TO_VIDEO),
             gr.Group(visible=long),
@@ -152,8 +161,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.Markdown("# EasyAnimate V4\nText, image and video to video. One generation runs at a time.")
         with gr.Row():
             model = gr.Dropdown(
-                models, value=DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in models else (models[0] if models else None),
-                label="Model folder",
+                models, value=preselected, label="Model folder",
                 info=f"folders under {studio.models_dir}", allow_custom_value=True, scale=3,
             )
             lora = gr.Dropdown(
@@ -189,17 +197,30 @@ def build_app(studio: Studio) -> gr.Blocks:
                 overlap_frames = gr.Slider(*OVERLAP_RANGE, value=4, step=1, label="Overlap (frames)")
         with gr.Row():
             sampler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Sampler")
-            steps = gr.Slider(*STEPS_RANGE, value=30, step=1, label="Sampling steps", elem_id="steps")
+            steps = gr.Slider(*STEPS_RANGE, value=start["steps"], step=1, label="Sampling steps", elem_id="steps")
             guidance_scale = gr.Slider(*GUIDANCE_RANGE, value=7.0, step=0.1, label="Guidance (CFG) scale")
         with gr.Row():
             resize_to_reference = gr.Checkbox(False, label="Resize to the reference image/video")
             base_resolution = gr.Radio(list(BASE_RESOLUTIONS), value=512, label="Base resolution", visible=False)
-            width = gr.Slider(*SIZE_RANGE, value=672, step=16, label="Width", elem_id="width")
-            height = gr.Slider(*SIZE_RANGE, value=384, step=16, label="Height", elem_id="height")
+            width = gr.Slider(*SIZE_RANGE, value=start["width"], step=16, label="Width", elem_id="width")
+            height = gr.Slider(*SIZE_RANGE, value=start["height"], step=16, label="Height", elem_id="height")
         with gr.Row():
-            frames = gr.Slider(*FRAMES_RANGE, value=144, step=8, label="Frames", elem_id="frames")
+            frames = gr.Slider(*FRAMES_RANGE, value=start["frames"], step=8, label="Frames", elem_id="frames")
             seed = gr.Number(43, precision=0, label="Seed (-1 = random)")
             dice = gr.Button("Random seed", scale=0)
+        with gr.Group(visible=False) as template_inputs:
+            gr.Examples(
+                [[str(e.image_path), e.prompt, e.width, e.height, DEMO_FRAMES, DEMO_STEPS] for e in IMAGE_TEMPLATES],
+                [start_image, prompt, width, height, frames, steps],
+                label="Template start images for the demo model (fill the image, prompt and size)",
+                elem_id="image-templates",
+            )
+        gr.Examples(
+            [[e.prompt, e.width, e.height, DEMO_FRAMES, DEMO_STEPS] for e in TEXT_EXAMPLES],
+            [prompt, width, height, frames, steps],
+            label="Prompts for the demo model (English or Chinese; fill the prompt and size)",
+            elem_id="prompt-examples",
+        )
         generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             result_video = gr.Video(label="Result", elem_id="result-video", interactive=False)
@@ -215,7 +236,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         )
         kind.change(
             on_kind, [kind, frames],
-            [image_inputs, video_inputs, long_inputs, frames, start_image, end_image, video],
+            [image_inputs, template_inputs, video_inputs, long_inputs, frames, start_image, end_image, video],
             api_visibility="private", queue=False,
         )
         resize_to_reference.change(

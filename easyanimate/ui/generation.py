@@ -48,7 +48,7 @@ KINDS = (TEXT_TO_VIDEO, TEXT_TO_IMAGE, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, LONG_VIDE
 SAMPLERS = SAMPLER_NAMES
 BASE_RESOLUTIONS = (512, 768, 960)
 
-SIZE_RANGE = (64, 2048)  # pixels, multiples of 16
+SIZE_RANGE = (16, 2048)  # pixels, multiples of 16 (the demo model makes 48 x 96 videos)
 FRAMES_RANGE = (8, 144)  # one pass, multiples of 8 (the VAE's frame chunk)
 LONG_FRAMES_MAX = 1440
 OVERLAP_RANGE = (1, 4)
