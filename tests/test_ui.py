@@ -30,6 +30,7 @@ from easyanimate.ui.generation import (
     TEXT_TO_VIDEO,
     VIDEO_TO_VIDEO,
     GenerationSettings,
+    HostedLimits,
     Studio,
     reference_size,
 )
@@ -237,7 +238,7 @@ def test_reference_size_picks_the_closest_bucket_floored_to_16():
 # the studio: one generation at a time, results saved with their settings
 
 
-def make_studio(folders, delay=0.0):
+def make_studio(folders, delay=0.0, hosted=None):
     loaded = []
 
     def load(folder, transformer_weights=None):
@@ -246,7 +247,7 @@ def make_studio(folders, delay=0.0):
         return StandInPipeline(folder, delay)
 
     load_times = []
-    studio = Studio(folders.models, folders.loras, folders.out, load_pipeline=load)
+    studio = Studio(folders.models, folders.loras, folders.out, load_pipeline=load, hosted=hosted)
     studio.load_times = load_times
     return studio, loaded
 
@@ -670,3 +671,70 @@ def test_tiny_model_with_fine_tuned_transformer_weights(tiny_server):
     assert not torch.equal(read_video(plain), read_video(tuned))
     again, *_ = client.predict(**common, api_name="/generate")  # "none": the model's own weights are back
     assert torch.equal(read_video(again), read_video(plain))
+
+
+def test_hosted_mode_serves_one_model_within_its_limits_to_the_page_and_every_api(folders, tmp_path):
+    """The original's "modelscope" mode: one model, small jobs, no LoRA / weights / long videos; the limits hold for
+    the Studio, the page's controls, the Gradio API and the original's routes alike."""
+    import httpx
+    from gradio_client import Client
+
+    limits = HostedLimits("model-a", max_steps=5, max_frames=16, max_pixels=64 * 96)
+    studio, loaded = make_studio(folders, hosted=limits)
+    assert studio.model_choices() == ["model-a"] and studio.lora_choices() == studio.weights_choices() == ["none"]
+    ok = dict(model="model-a", steps=5, frames=16, width=96, height=64)
+    assert studio.generate(GenerationSettings(**ok)).settings["steps"] == 5
+    start = write_test_image(tmp_path / "wide.png", height=90, width=160)
+    for change, message in [
+        (dict(model="model-b"), "serves only the model 'model-a'"),
+        (dict(lora="style.safetensors"), "no LoRA"),
+        (dict(transformer_weights="finetuned.safetensors"), "no LoRA and no other transformer weights"),
+        (dict(kind=LONG_VIDEO), "no long videos"),
+        (dict(steps=6), "at most 5 sampling steps"),
+        (dict(frames=24), "at most 16 frames"),
+        (dict(width=96, height=96), "at most 6144 pixels"),
+        (dict(kind=IMAGE_TO_VIDEO, start_image=str(start), resize_to_reference=True), "got 672 x 384"),
+    ]:
+        with pytest.raises(RefusedError, match=message):
+            studio.generate(GenerationSettings(**{**ok, **change}))
+    with pytest.raises(RefusedError, match="serves only the model"):
+        studio.load_model("model-b")
+    assert loaded == ["model-a"]
+    with pytest.raises(RefusedError, match="not one of the model folders"):
+        Studio(folders.models, folders.loras, folders.out, hosted=HostedLimits("missing"))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        HostedLimits("model-a", max_frames=20)
+
+    demo = serve(studio)
+    try:
+        controls = {c.get("props", {}).get("elem_id") or c.get("props", {}).get("label"): c["props"]
+                    for c in demo.config["components"]}
+        assert controls["steps"]["maximum"] == 5 and controls["frames"]["maximum"] == 16
+        assert LONG_VIDEO not in [choice[0] for choice in controls["Generation kind"]["choices"]]
+        assert controls["Model folder"]["interactive"] is False and controls["LoRA"]["visible"] is False
+        client = Client(demo.local_url, verbose=False)
+        with pytest.raises(Exception, match="greater than maximum value 5"):  # the slider's own bound
+            client.predict(**api_kwargs(steps=6), api_name="/generate")
+        with pytest.raises(Exception, match="no LoRA"):  # past the page's pickers, the Studio refuses
+            client.predict(**api_kwargs(lora="style.safetensors"), api_name="/generate")
+        with pytest.raises(Exception, match="serves only the model"):
+            client.predict("model-b", api_name="/load_model")
+        reply = httpx.post(f"{demo.local_url}easyanimate/update_diffusion_transformer",
+                           json={"diffusion_transformer_path": "model-b"}, timeout=60).json()
+        assert "this server offers ['model-a']" in reply["message"]
+        reply = httpx.post(f"{demo.local_url}easyanimate/infer_forward", timeout=60,
+                           json={"prompt_textbox": "a red ball", "sample_step_slider": 5, "length_slider": 16,
+                                 "width_slider": 64, "height_slider": 64}).json()
+        assert reply["message"] == "Success"
+    finally:
+        demo.close()
+
+
+def test_hosted_mode_from_the_command_line_names_a_missing_model(folders):
+    from easyanimate.ui.app import main
+
+    with pytest.raises(SystemExit, match="--model: model 'nowhere' is not one of the model folders"):
+        main(["--ui-mode", "hosted", "--model", "nowhere", "--models-dir", str(folders.models),
+              "--output-dir", str(folders.out)])
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        main(["--ui-mode", "hosted", "--model", "model-a", "--max-frames", "20", "--models-dir", str(folders.models)])

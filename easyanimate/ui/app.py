@@ -38,6 +38,7 @@ from easyanimate.ui.generation import (
     TEXT_TO_VIDEO,
     VIDEO_TO_VIDEO,
     GenerationSettings,
+    HostedLimits,
     Studio,
     easyanimate_loader,
 )
@@ -67,7 +68,17 @@ def build_app(studio: Studio) -> gr.Blocks:
     """The page: model and LoRA pickers, prompts, sampling settings, the generation kind and its inputs, results."""
     models = studio.model_choices()
     preselected = DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in models else (models[0] if models else None)
-    start = DEMO_START if preselected == DEFAULT_MODEL_NAME else ORIGINAL_START
+    start = dict(DEMO_START if preselected == DEFAULT_MODEL_NAME else ORIGINAL_START)
+    hosted = studio.hosted
+    kinds, most_steps, most_frames_one_pass = list(KINDS), STEPS_RANGE[1], FRAMES_RANGE[1]
+    if hosted:  # one model, no LoRA / weights pickers, no long videos, smaller ranges (enforced by the Studio)
+        kinds.remove(LONG_VIDEO)
+        most_steps, most_frames_one_pass = hosted.max_steps, hosted.max_frames
+        start.update(steps=min(start["steps"], most_steps), frames=min(start["frames"], most_frames_one_pass))
+        shrink = (hosted.max_pixels / (start["width"] * start["height"])) ** 0.5
+        if shrink < 1:  # keep the aspect ratio, sides multiples of 16
+            start.update(width=max(16, int(start["width"] * shrink) // 16 * 16),
+                         height=max(16, int(start["height"] * shrink) // 16 * 16))
 
     def refresh(model, lora, weights):
         model_names, lora_names, weight_names = studio.model_choices(), studio.lora_choices(), studio.weights_choices()
@@ -88,7 +99,7 @@ def build_app(studio: Studio) -> gr.Blocks:
     def on_kind(kind, frame_count):
         images = kind in (IMAGE_TO_VIDEO, LONG_VIDEO)
         long = kind == LONG_VIDEO
-        most_frames = LONG_FRAMES_MAX if long else FRAMES_RANGE[1]
+        most_frames = LONG_FRAMES_MAX if long else most_frames_one_pass
         return (
             gr.Group(visible=images),
             gr.Group(visible=images),
@@ -161,25 +172,30 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.Markdown("# EasyAnimate V4\nText, image and video to video. One generation runs at a time.")
         with gr.Row():
             model = gr.Dropdown(
-                models, value=preselected, label="Model folder",
-                info=f"folders under {studio.models_dir}", allow_custom_value=True, scale=3,
+                models, value=preselected, label="Model folder", interactive=not hosted,
+                info="the one model this server serves" if hosted else f"folders under {studio.models_dir}",
+                allow_custom_value=True, scale=3,
             )
             lora = gr.Dropdown(
                 studio.lora_choices(), value=NONE_CHOICE, label="LoRA", info=f"files under {studio.lora_dir}",
-                allow_custom_value=True, scale=3,
+                allow_custom_value=True, scale=3, visible=not hosted,
             )
-            lora_strength = gr.Slider(0.0, 2.0, value=0.55, step=0.05, label="LoRA strength", scale=2)
-            refresh_button = gr.Button("Refresh lists", scale=1)
-        with gr.Row():
+            lora_strength = gr.Slider(0.0, 2.0, value=0.55, step=0.05, label="LoRA strength", scale=2,
+                                      visible=not hosted)
+            refresh_button = gr.Button("Refresh lists", scale=1, visible=not hosted)
+        with gr.Row(visible=not hosted):
             transformer_weights = gr.Dropdown(
                 studio.weights_choices(), value=NONE_CHOICE, label="Transformer weights",
                 info=f"fine-tuned weights (.safetensors) under {studio.weights_dir} in place of the model's own",
                 allow_custom_value=True,
             )
-        model_status = gr.Markdown()
+        model_status = gr.Markdown(
+            f"Serving {hosted.model}: up to {hosted.max_frames} frames of at most {hosted.max_pixels} pixels, "
+            f"{hosted.max_steps} sampling steps." if hosted else ""
+        )
         prompt = gr.Textbox(DEFAULT_PROMPT, lines=2, label="Prompt", elem_id="prompt")
         negative_prompt = gr.Textbox(DEFAULT_NEGATIVE_PROMPT, lines=2, label="Negative prompt")
-        kind = gr.Radio(list(KINDS), value=TEXT_TO_VIDEO, label="Generation kind")
+        kind = gr.Radio(kinds, value=TEXT_TO_VIDEO, label="Generation kind")
         with gr.Group(visible=False) as image_inputs:
             with gr.Row():
                 start_image = gr.Image(label="Start image", type="filepath", sources=["upload"])
@@ -197,7 +213,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 overlap_frames = gr.Slider(*OVERLAP_RANGE, value=4, step=1, label="Overlap (frames)")
         with gr.Row():
             sampler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Sampler")
-            steps = gr.Slider(*STEPS_RANGE, value=start["steps"], step=1, label="Sampling steps", elem_id="steps")
+            steps = gr.Slider(STEPS_RANGE[0], most_steps, value=start["steps"], step=1, label="Sampling steps",
+                              elem_id="steps")
             guidance_scale = gr.Slider(*GUIDANCE_RANGE, value=7.0, step=0.1, label="Guidance (CFG) scale")
         with gr.Row():
             resize_to_reference = gr.Checkbox(False, label="Resize to the reference image/video")
@@ -205,7 +222,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             width = gr.Slider(*SIZE_RANGE, value=start["width"], step=16, label="Width", elem_id="width")
             height = gr.Slider(*SIZE_RANGE, value=start["height"], step=16, label="Height", elem_id="height")
         with gr.Row():
-            frames = gr.Slider(*FRAMES_RANGE, value=start["frames"], step=8, label="Frames", elem_id="frames")
+            frames = gr.Slider(FRAMES_RANGE[0], most_frames_one_pass, value=start["frames"], step=8, label="Frames",
+                               elem_id="frames")
             seed = gr.Number(43, precision=0, label="Seed (-1 = random)")
             dice = gr.Button("Random seed", scale=0)
         with gr.Group(visible=False) as template_inputs:
@@ -273,6 +291,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder of fine-tuned transformer weights (.safetensors) offered in place of a model's "
                              "own (default <models-dir>/transformer_weights)")
     parser.add_argument("--output-dir", default="samples", help="every result and its settings JSON go here")
+    hosted = parser.add_argument_group(
+        "hosted mode", "--ui-mode hosted (the original's 'modelscope' mode) is for a page open to the public: one "
+        "model, loaded at start, no LoRA or other weights, no long videos, small jobs; API requests meet the same "
+        "limits")
+    hosted.add_argument("--ui-mode", choices=("normal", "hosted"), default="normal", help="page mode")
+    hosted.add_argument("--model", default=DEFAULT_MODEL_NAME,
+                        help="hosted mode: the model folder (under --models-dir) to serve")
+    hosted.add_argument("--max-steps", type=int, default=30, help="hosted mode: most sampling steps")
+    hosted.add_argument("--max-frames", type=int, default=48, help="hosted mode: most frames (a multiple of 8)")
+    hosted.add_argument("--max-pixels", type=int, default=672 * 384,
+                        help="hosted mode: most pixels per frame (default 672 x 384)")
     parser.add_argument("--memory-mode", choices=MEMORY_MODES, default="model_cpu_offload",
                         help="on a GPU: move each model in when it runs (default), stream layer by layer "
                         "(sequential_cpu_offload, least memory), or keep everything on the GPU")
@@ -305,10 +334,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     lora_dir = Path(args.lora_dir) if args.lora_dir else Path(args.models_dir) / "lora"
-    studio = Studio(
-        args.models_dir, lora_dir, args.output_dir, load_pipeline=easyanimate_loader(args.memory_mode),
-        limits=UploadLimits(max_bytes=args.max_upload_mb * 2**20), weights_dir=args.weights_dir,
-    )
-    if not studio.model_choices():
+    hosted = None
+    if args.ui_mode == "hosted":
+        try:
+            hosted = HostedLimits(args.model, args.max_steps, args.max_frames, args.max_pixels)
+        except ValueError as exc:
+            raise SystemExit(f"app.py: error: {exc}") from exc
+    try:
+        studio = Studio(
+            args.models_dir, lora_dir, args.output_dir, load_pipeline=easyanimate_loader(args.memory_mode),
+            limits=UploadLimits(max_bytes=args.max_upload_mb * 2**20), weights_dir=args.weights_dir, hosted=hosted,
+        )
+    except RefusedError as exc:  # hosted mode's model is not there
+        raise SystemExit(f"app.py: error: --model: {exc}") from exc
+    if hosted:
+        logger.info(studio.load_model(hosted.model))  # before serving, so no visitor waits for it
+    elif not studio.model_choices():
         logger.warning("no model folders under %s yet: add one and press 'Refresh lists'", args.models_dir)
     launch(studio, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size)

@@ -147,6 +147,42 @@ class GenerationSettings:
             )
 
 
+@dataclass(frozen=True)
+class HostedLimits:
+    """Limits for a page open to the public (the original's "modelscope" UI mode): one model, loaded at start and
+    never switched; no LoRA, no other transformer weights, no long videos; at most ``max_steps`` sampling steps,
+    ``max_frames`` frames and ``max_pixels`` pixels per frame. The :class:`Studio` enforces them, so API clients
+    meet the same limits as the page."""
+
+    model: str
+    max_steps: int = 30
+    max_frames: int = 48
+    max_pixels: int = 672 * 384
+
+    def __post_init__(self):
+        if self.max_steps < 1 or self.max_frames < FRAMES_RANGE[0] or self.max_pixels < 16 * 16:
+            raise ValueError(f"hosted limits too small to generate anything: {self}")
+        if self.max_frames % 8:
+            raise ValueError(f"the most frames must be a multiple of 8 (the VAE's frame chunk), got {self.max_frames}")
+
+    def check(self, settings: "GenerationSettings", height: int, width: int) -> None:
+        """Refuse what this server does not offer; ``height`` x ``width`` is the size that would be generated."""
+        if settings.model != self.model:
+            raise RefusedError(f"this server serves only the model {self.model!r}")
+        if settings.lora != NONE_CHOICE or settings.transformer_weights != NONE_CHOICE:
+            raise RefusedError("this server takes no LoRA and no other transformer weights: choose 'none'")
+        if settings.kind == LONG_VIDEO:
+            raise RefusedError("this server makes no long videos: choose a video of at most "
+                               f"{self.max_frames} frames")
+        if settings.steps > self.max_steps:
+            raise RefusedError(f"this server runs at most {self.max_steps} sampling steps, got {settings.steps}")
+        if settings.kind != TEXT_TO_IMAGE and settings.frames > self.max_frames:
+            raise RefusedError(f"this server makes at most {self.max_frames} frames, got {settings.frames}")
+        if height * width > self.max_pixels:
+            raise RefusedError(f"this server makes frames of at most {self.max_pixels} pixels (e.g. 672 x 384 "
+                               f"for {672 * 384}), got {width} x {height}")
+
+
 @dataclass
 class GenerationResult:
     """A saved result: the media file, its settings JSON, and the settings as a dict."""
@@ -208,6 +244,7 @@ class Studio:
         load_pipeline: Callable[[Path, Path | None], Any] | None = None,
         limits: UploadLimits = UploadLimits(),
         weights_dir: str | os.PathLike | None = None,
+        hosted: HostedLimits | None = None,
     ):
         self.models_dir = Path(models_dir)
         self.lora_dir = Path(lora_dir)
@@ -215,6 +252,9 @@ class Studio:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else self.models_dir / "transformer_weights"
         self.output = OutputFolder(output_dir)
         self.limits = limits
+        self.hosted = hosted
+        if hosted is not None:
+            resolve_model_folder(self.models_dir, hosted.model)  # the one model must exist
         self._load_pipeline = load_pipeline or easyanimate_loader()
         self._lock = threading.Lock()
         self._pipe: Any = None
@@ -223,13 +263,13 @@ class Studio:
 
     # -- choices ---------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
-        return list_model_folders(self.models_dir)
+        return [self.hosted.model] if self.hosted else list_model_folders(self.models_dir)
 
     def lora_choices(self) -> list[str]:
-        return [NONE_CHOICE, *list_safetensors_files(self.lora_dir)]
+        return [NONE_CHOICE] if self.hosted else [NONE_CHOICE, *list_safetensors_files(self.lora_dir)]
 
     def weights_choices(self) -> list[str]:
-        return [NONE_CHOICE, *list_safetensors_files(self.weights_dir)]
+        return [NONE_CHOICE] if self.hosted else [NONE_CHOICE, *list_safetensors_files(self.weights_dir)]
 
     @property
     def loaded_model(self) -> str | None:
@@ -238,6 +278,8 @@ class Studio:
     # -- model ---------------------------------------------------------------------------------------------
     def load_model(self, name: str) -> str:
         """Load the model folder ``name`` (waits for a running generation); returns a status line."""
+        if self.hosted and name != self.hosted.model:
+            raise RefusedError(f"this server serves only the model {self.hosted.model!r}")
         folder = resolve_model_folder(self.models_dir, name)
         with self._lock:
             self._ensure_model(name, folder, NONE_CHOICE, None)
@@ -274,6 +316,8 @@ class Studio:
         if settings.resize_to_reference:
             ref_h, ref_w = (start.height, start.width) if start is not None else video_size
             height, width = reference_size(ref_h, ref_w, settings.base_resolution)
+        if self.hosted:
+            self.hosted.check(settings, height, width)
         frames = 1 if settings.kind == TEXT_TO_IMAGE else settings.frames
         if settings.kind == VIDEO_TO_VIDEO and video_frames < frames:
             raise RefusedError(
