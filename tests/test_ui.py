@@ -7,6 +7,7 @@ model folder (``tiny_model_dir``) and the real pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -730,7 +731,7 @@ def test_hosted_mode_serves_one_model_within_its_limits_to_the_page_and_every_ap
         demo.close()
 
 
-def test_hosted_mode_from_the_command_line_names_a_missing_model(folders):
+def test_hosted_and_remote_modes_from_the_command_line_name_what_is_missing(folders):
     from easyanimate.ui.app import main
 
     with pytest.raises(SystemExit, match="--model: model 'nowhere' is not one of the model folders"):
@@ -738,3 +739,83 @@ def test_hosted_mode_from_the_command_line_names_a_missing_model(folders):
               "--output-dir", str(folders.out)])
     with pytest.raises(SystemExit, match="multiple of 8"):
         main(["--ui-mode", "hosted", "--model", "model-a", "--max-frames", "20", "--models-dir", str(folders.models)])
+    with pytest.raises(SystemExit, match="--ui-mode remote needs --remote-url"):
+        main(["--ui-mode", "remote", "--output-dir", str(folders.out)])
+    with pytest.raises(SystemExit, match="must be an http"):
+        main(["--ui-mode", "remote", "--remote-url", "gpu-box:7860", "--output-dir", str(folders.out)])
+
+
+@pytest.mark.parametrize("kind", [TEXT_TO_VIDEO, TEXT_TO_IMAGE, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, LONG_VIDEO])
+def test_infer_request_is_what_the_original_routes_read_back(folders, tmp_path, kind):
+    """The remote front end's request body and the server's reading of it are inverses, for every kind."""
+    from easyanimate.ui.original_api import INFER_DEFAULTS, OriginalAPI, infer_request
+
+    studio, _ = make_studio(folders)
+    studio.load_model("model-a")
+    start = write_test_image(tmp_path / "start.png")
+    clip = write_test_video(tmp_path / "clip.mp4")
+    uploads = dict(start_image=str(start), end_image=str(start)) if kind in (IMAGE_TO_VIDEO, LONG_VIDEO) else {}
+    if kind == VIDEO_TO_VIDEO:
+        uploads = dict(video=str(clip))
+    asked = GenerationSettings(model="model-a", kind=kind, prompt="一个红色的圆形", negative_prompt="blur",
+                               sampler="DPM++", steps=7, width=96, height=48, frames=40, guidance_scale=4.5, seed=-1,
+                               lora="style.safetensors", lora_strength=0.8, denoise_strength=0.4, partial_frames=24,
+                               overlap_frames=3, resize_to_reference=kind == IMAGE_TO_VIDEO, base_resolution=768,
+                               transformer_weights="finetuned.safetensors", **uploads)
+    received = tmp_path / "received"
+    received.mkdir()
+    assert set(infer_request(asked)) == set(INFER_DEFAULTS)
+    read = OriginalAPI(studio)._settings(infer_request(asked), received)
+    for name, value in dataclasses.asdict(asked).items():
+        if name in ("start_image", "end_image", "video"):
+            assert (getattr(read, name) is None) == (value is None), name
+            if value is not None:
+                assert Path(getattr(read, name)).read_bytes() == Path(value).read_bytes()
+        else:
+            assert getattr(read, name) == value, name
+
+
+def test_remote_mode_sends_generations_to_a_server_and_keeps_the_results_here(stand_in_server, folders, tmp_path):
+    """The original's "eas" mode: this page posts to another server's infer_forward and saves what comes back."""
+    from gradio_client import Client, handle_file
+
+    from easyanimate.ui.remote import RemoteStudio
+
+    backend, server_studio = stand_in_server
+    limits = HostedLimits("model-a", max_steps=10, max_frames=16, max_pixels=96 * 64)
+    front = RemoteStudio(backend.local_url, tmp_path / "front", limits, token="secret-token", timeout=60)
+    assert front._client.headers["Authorization"] == "secret-token"
+    assert "model-a loaded" in front.load_model("model-a") and server_studio.loaded_model == "model-a"
+
+    result = front.generate(GenerationSettings(model="model-a", prompt="a red ball", steps=3, width=96, height=64,
+                                               frames=8, seed=-1))
+    assert result.path.parent == front.output.root and result.path.suffix == ".mp4"
+    (server_file,) = server_studio.output.root.glob("*.mp4")
+    assert result.path.read_bytes() == server_file.read_bytes()
+    saved = json.loads(result.settings_path.read_text())
+    assert saved["seed"] == json.loads(server_file.with_suffix(".json").read_text())["seed"] != -1  # the drawn one
+    assert saved["server"] == backend.local_url.rstrip("/") and saved["output"] == result.path.name
+
+    start = write_test_image(tmp_path / "start.png", height=90, width=160)
+    front.generate(GenerationSettings(model="model-a", kind=IMAGE_TO_VIDEO, start_image=str(start), steps=2,
+                                      width=64, height=64, frames=8))
+    assert server_studio._pipe.calls[-1]["image"].size == (160, 90)
+    clip = write_test_video(tmp_path / "clip.mp4", frames=8)
+    with pytest.raises(RefusedError, match="the server at .*input video has 8 frames"):  # the server's own refusal
+        front.generate(GenerationSettings(model="model-a", kind=VIDEO_TO_VIDEO, video=str(clip), steps=2, width=64,
+                                          height=64, frames=16))
+    with pytest.raises(RefusedError, match="at most 10 sampling steps"):  # the page's limit, before any request
+        front.generate(GenerationSettings(model="model-a", steps=20, width=64, height=64, frames=8))
+
+    page = serve(front)  # the page itself, on the remote studio
+    try:
+        _, _, settings, _ = Client(page.local_url, verbose=False).predict(
+            **api_kwargs(kind=IMAGE_TO_VIDEO, start_image=handle_file(str(start))), api_name="/generate")
+        assert settings["server"] == backend.local_url.rstrip("/") and settings["start_image"] == "start.png"
+        assert (front.output.root / settings["output"]).is_file()
+    finally:
+        page.close()
+
+    unreachable = RemoteStudio(f"http://127.0.0.1:{free_port()}", tmp_path / "nowhere", limits, timeout=5)
+    with pytest.raises(RefusedError, match="did not answer"):
+        unreachable.load_model("model-a")

@@ -144,8 +144,10 @@ class OriginalAPI:
         except Exception as exc:  # the original answers every failure with a message; the log keeps the traceback
             logger.exception("infer_forward failed")
             return _error(f"generation failed: {type(exc).__name__}: {exc}")
+        # "settings" (what was used, e.g. the seed drawn for -1) is ours; the original's clients ignore it
         return {"message": "Success", "save_sample_path": str(result.path),
-                "base64_encoding": base64.b64encode(result.path.read_bytes()).decode("ascii")}
+                "base64_encoding": base64.b64encode(result.path.read_bytes()).decode("ascii"),
+                "settings": result.settings}
 
     def _settings(self, v: dict, uploads: Path) -> GenerationSettings:
         studio = self.studio
@@ -203,6 +205,42 @@ class OriginalAPI:
             end_image=end,
             video=video,
         )
+
+
+def _encode_file(path: str | None) -> str | None:
+    return None if not path else base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def infer_request(settings: GenerationSettings) -> dict[str, Any]:
+    """The ``infer_forward`` body that asks a server for ``settings`` (what the original's ``eas`` front end
+    posts; the inverse of :meth:`OriginalAPI._settings`). Uploads are read and base64-encoded."""
+    long = settings.kind == LONG_VIDEO
+    return {
+        "base_model_path": settings.transformer_weights,
+        "motion_module_path": NONE_CHOICE,
+        "lora_model_path": settings.lora,
+        "lora_alpha_slider": settings.lora_strength,
+        "prompt_textbox": settings.prompt,
+        "negative_prompt_textbox": settings.negative_prompt,
+        "sampler_dropdown": settings.sampler,
+        "sample_step_slider": settings.steps,
+        "resize_method": RESIZE_TO_REFERENCE if settings.resize_to_reference else "Generate by",
+        "width_slider": settings.width,
+        "height_slider": settings.height,
+        "base_resolution": settings.base_resolution,
+        "is_image": settings.kind == TEXT_TO_IMAGE,
+        "generation_method": LONG_VIDEO_GENERATION if long else (
+            IMAGE_GENERATION if settings.kind == TEXT_TO_IMAGE else "Video Generation"),
+        "length_slider": settings.frames,
+        "overlap_video_length": settings.overlap_frames,
+        "partial_video_length": settings.partial_frames,
+        "cfg_scale_slider": settings.guidance_scale,
+        "start_image": _encode_file(settings.start_image),
+        "end_image": _encode_file(settings.end_image),
+        "validation_video": _encode_file(settings.video),
+        "denoise_strength": settings.denoise_strength,
+        "seed_textbox": settings.seed,
+    }
 
 
 def add_original_routes(app, studio: Studio) -> OriginalAPI:

@@ -28,11 +28,19 @@ def building_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to a hidden sibling of ``path`` and rename it over ``path``: readers see the old
-    file or the whole new one, never a part."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a hidden sibling of ``path`` and rename it over ``path``: readers see the old file or the
+    whole new one, never a part."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """:func:`write_bytes_atomic` for UTF-8 text."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
