@@ -165,6 +165,42 @@ def test_reconstruction_loss_falls(data, tmp_path, vae_config):
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
 
 
+def test_validation_measures_the_saved_vae_on_a_fixed_set_without_changing_training(data, tmp_path, vae_config):
+    """Validation every 2 steps and at the end, on the first and last entries of the training list (as the
+    original): its numbers are those of the saved VAE on whole-side crops, recomputed here by hand, and the
+    training run is the same as without it."""
+    from easyanimate.models.vae import AutoencoderKLMagvit
+
+    common = dict(vae_config=str(vae_config), disc_weight=0.0, max_train_steps=3, checkpointing_steps=1000)
+    plain = train(settings(data, tmp_path / "plain", **common))
+    result = train(settings(data, tmp_path / "validated", validation_steps=2, validation_entries=2, **common))
+    assert [r["step"] for r in result.validation] == [2, 3]
+    assert result.history == plain.history
+    final = result.validation[-1]
+    assert set(final) == {"step", "l1", "psnr", "video/l1", "video/psnr", "image/l1", "image/psnr"}
+
+    vae = AutoencoderKLMagvit.from_pretrained(result.vae_dir).eval()
+    entries = load_metadata(data / "meta.json", data)
+    psnrs = psnr_by_hand(vae, [entries[0], entries[-1]])  # validation_entries 2: the first and the last
+    assert final["video/psnr"] == pytest.approx(np.mean(psnrs["video"]), abs=1e-3)
+    assert final["image/psnr"] == pytest.approx(np.mean(psnrs["image"]), abs=1e-3)
+    assert final["psnr"] == pytest.approx(np.mean(psnrs["video"] + psnrs["image"]), abs=1e-3)
+    assert 5 < final["psnr"] < 60
+
+
+def psnr_by_hand(vae, entries) -> dict[str, list[float]]:
+    """PSNR of each entry's whole-height crop (sample key = its position), by kind."""
+    dataset = VAEDataset(entries, size=SIZE, video_len=FRAMES, min_crop=1.0, max_crop=1.0, seed=3)
+    psnrs = {"video": [], "image": []}
+    for i, entry in enumerate(entries):
+        x = dataset[(i, i)]["pixels"][None]
+        assert x.shape[-2:] == (SIZE, SIZE) and x.shape[2] == (FRAMES if entry["type"] == "video" else 1)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        psnrs[entry["type"]].append(float(10 * np.log10(1.0 / (((y - x) / 2) ** 2).mean().item())))
+    return psnrs
+
+
 def test_gradient_accumulation_steps_the_mean_gradient_of_micro_batches(data, tmp_path, vae_config):
     """``gradient_accumulation_steps`` 2: each Adam step takes the mean gradient of the next two micro-batches of
     the stream, each with its own posterior noise (the same run written out by hand), and a resumed run continues
@@ -220,8 +256,17 @@ def gan_run(data, vae_config, tmp_path_factory):
     save_file(tiny_lpips().state_dict(), str(root / "lpips.safetensors"))
     cfg = settings(data, root / "out", vae_config=str(vae_config), perceptual_weight=0.1,
                    lpips_weights=str(root / "lpips.safetensors"), disc_start=2, use_ema=True, ema_decay=0.9,
-                   max_train_steps=5, checkpointing_steps=1)
+                   max_train_steps=5, checkpointing_steps=1, validation_steps=5)
     return cfg, train(cfg)
+
+
+def test_validation_uses_the_ema_weights_and_lpips(gan_run, data):
+    cfg, result = gan_run
+    (final,) = result.validation
+    assert final["step"] == 5 and final["lpips"] > 0 and final["video/lpips"] > 0 and final["image/lpips"] > 0
+    psnrs = psnr_by_hand(result.vae, load_metadata(data / "meta.json", data))  # the saved (EMA) weights, all 5
+    assert final["video/psnr"] == pytest.approx(np.mean(psnrs["video"]), abs=1e-3)
+    assert final["image/psnr"] == pytest.approx(np.mean(psnrs["image"]), abs=1e-3)
 
 
 def test_discriminator_inactive_before_start_and_active_after(gan_run):

@@ -108,6 +108,13 @@ class VAETrainConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
     log_every: int = 10
     image_log_every: int = 1000
+    # validation: reconstruction metrics (L1, PSNR, LPIPS) of a fixed set every validation_steps steps and at the
+    # end (0: off), with the EMA weights when EMA is on. The set is validation_data_meta (held-out files, best), or
+    # else the first and last validation_entries / 2 entries of train_data_meta, as the original validated on its
+    # first 100 and last 100 training entries. Whole-side crops at fixed places, the posterior mean: no randomness.
+    validation_steps: int = 0
+    validation_data_meta: str | None = None
+    validation_entries: int = 200
     seed: int = 23
 
     def validate(self) -> None:
@@ -136,9 +143,11 @@ class VAETrainConfig:
                 f"size >= {3 * 2**self.disc_frame_layers} (or fewer disc_frame_layers)"
             )
         for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every",
-                     "image_log_every"):
+                     "image_log_every", "validation_entries"):
             if getattr(self, name) < 1:
                 raise VAEConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.validation_steps < 0:
+            raise VAEConfigError(f"validation_steps must be >= 0 (0: no validation), got {self.validation_steps}")
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> VAETrainConfig:
@@ -252,6 +261,49 @@ def make_dataloader(cfg: VAETrainConfig, frame_multiple: int, start_batch: int, 
     )
 
 
+def validation_dataset(cfg: VAETrainConfig, frame_multiple: int) -> VAEDataset:
+    """The fixed validation set (see :class:`VAETrainConfig`): item ``i`` is read with sample key ``i``."""
+    if cfg.validation_data_meta:
+        entries = load_metadata(cfg.validation_data_meta, cfg.train_data_dir)
+    else:
+        entries = load_metadata(cfg.train_data_meta, cfg.train_data_dir)
+        if len(entries) > cfg.validation_entries:
+            first = cfg.validation_entries // 2
+            entries = entries[:first] + entries[len(entries) - (cfg.validation_entries - first):]
+    return VAEDataset(entries, size=cfg.size, video_len=cfg.video_len, frame_interval=cfg.frame_interval,
+                      frame_multiple=frame_multiple, min_crop=1.0, max_crop=1.0, seed=cfg.seed)
+
+
+@torch.no_grad()
+def validate_reconstruction(vae: nn.Module, dataset: VAEDataset, lpips: nn.Module | None = None,
+                            autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Reconstruct every item of ``dataset`` through the posterior mean; the mean per item of L1 (in [-1, 1]), PSNR
+    (dB, pixels in [0, 1], the output clamped) and, given ``lpips``, LPIPS per frame: over all items and per kind
+    (``video/psnr``, ``image/psnr``, ...)."""
+    device = next(vae.parameters()).device
+    per_kind: dict[str, dict[str, list[float]]] = {}
+    was_training = vae.training
+    vae.eval()
+    try:
+        for index in range(len(dataset)):
+            item = dataset[(index, index)]
+            pixels = item["pixels"][None].to(device)
+            with autocast():
+                reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+            reconstruction = reconstruction.float().clamp(-1, 1)
+            mse = ((reconstruction - pixels) / 2).pow(2).mean().clamp_min(1e-10)
+            metrics = {"l1": (reconstruction - pixels).abs().mean().item(), "psnr": (-10 * torch.log10(mse)).item()}
+            if lpips is not None:  # per frame: (1, C, T, H, W) -> (T, C, H, W)
+                metrics["lpips"] = lpips(reconstruction[0].transpose(0, 1), pixels[0].transpose(0, 1)).mean().item()
+            for kind in ("all", item["type"]):
+                for name, value in metrics.items():
+                    per_kind.setdefault(kind, {}).setdefault(name, []).append(value)
+    finally:
+        vae.train(was_training)
+    return {(name if kind == "all" else f"{kind}/{name}"): sum(values) / len(values)
+            for kind, metrics in per_kind.items() for name, values in metrics.items()}
+
+
 def reconstruction_grid(pixels: torch.Tensor, reconstruction: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
     """First sample's frames (top) over their reconstructions (bottom), as a (3, 2H, T*W) image in [0, 1]."""
     real = pixels[0, :, :max_frames].float()
@@ -318,6 +370,7 @@ class TrainResult:
     vae: nn.Module  # the trained model, as saved (the EMA weights when EMA is on)
     vae_dir: Path
     history: list[dict[str, float]]  # what was logged (every log_every steps), in order
+    validation: list[dict[str, float]] = field(default_factory=list)  # validation metrics with their "step"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -388,18 +441,37 @@ def train(cfg: VAETrainConfig) -> TrainResult:
         ema = EMAModel(vae_module.parameters(), decay=cfg.ema_decay)
         ema.to(device)
 
-    def save_vae(folder: Path) -> None:
-        """Write ``folder/vae``: the EMA weights when EMA is on (they are also what a resume restores the EMA
-        from), else the trained weights."""
+    @contextlib.contextmanager
+    def ema_weights():
+        """Inside the block the VAE holds the EMA weights when EMA is on (else nothing changes)."""
         params = list(vae_module.parameters())
         if ema is not None:
             ema.store(params)
             ema.copy_to(params)
         try:
-            vae_module.save_pretrained(str(folder / "vae"), safe_serialization=True)
+            yield
         finally:
             if ema is not None:
                 ema.restore(params)
+
+    def save_vae(folder: Path) -> None:
+        """Write ``folder/vae``: the EMA weights when EMA is on (they are also what a resume restores the EMA
+        from), else the trained weights."""
+        with ema_weights():
+            vae_module.save_pretrained(str(folder / "vae"), safe_serialization=True)
+
+    validation_set = validation_dataset(cfg, frame_multiple) if cfg.validation_steps else None
+    validation: list[dict[str, float]] = []
+
+    def run_validation(step: int) -> None:
+        if accelerator.is_main_process:
+            with ema_weights():
+                metrics = validate_reconstruction(vae_module, validation_set, loss_fn.lpips, accelerator.autocast)
+            accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+            logger.info("step %d validation (%d items): %s", step, len(validation_set),
+                        ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            validation.append({**metrics, "step": step})
+        accelerator.wait_for_everyone()
 
     start_step = 0
     resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
@@ -487,6 +559,8 @@ def train(cfg: VAETrainConfig) -> TrainResult:
                 writer = accelerator.get_tracker("tensorboard", unwrap=True)
                 grid = reconstruction_grid(pixels, reconstruction.detach())
                 writer.add_image(f"reconstruction/{kinds[-1]}", grid, step)
+            if cfg.validation_steps and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
+                run_validation(step)
             stopping = stop.agreed(accelerator)
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or stopping:
                 save_checkpoint(
@@ -515,4 +589,4 @@ def train(cfg: VAETrainConfig) -> TrainResult:
         logger.info("saved the trained VAE to %s", vae_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(vae=vae_module.eval(), vae_dir=vae_dir, history=history)
+    return TrainResult(vae=vae_module.eval(), vae_dir=vae_dir, history=history, validation=validation)
