@@ -509,3 +509,29 @@ def test_training_starts_from_a_four_channel_checkpoint(tiny_model_dir, data, tm
         T.load_models(cfg, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="pass that too"):
         parse_args(_args(tiny_model_dir, data, "unused", "--adapt_transformer_channels"))
+
+
+def test_report_model_info_logs_the_clip_and_the_largest_gradients(tiny_model_dir, data, tmp_path):
+    """``--report_model_info``: the clip value of every step and, past the clip warm-up with a gradient norm over
+    1, the 10 largest per-parameter gradient norms by name (the original's debugging aid for loss spikes)."""
+    from easyanimate.models.transformer import HunyuanTransformer3DModel
+
+    cfg = parse_args(_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps", "2",
+                           "--checkpointing_steps", "2", "--report_model_info", "--abnormal_norm_clip_start", "1",
+                           "--max_grad_norm", "0.1"))
+    train(cfg)
+    records = _log(tmp_path)
+    names = {n for n, _ in HunyuanTransformer3DModel.from_config(
+        json.loads((tiny_model_dir / "transformer" / "config.json").read_text())).named_parameters()}
+    for record in records:
+        step = record["step"] - 1  # the clip is chosen before the step counter moves
+        assert record["grad_clip"] == pytest.approx(adaptive_clip_norm(step, record["grad_norm"], cfg))
+        largest = record.get("grad_norms")
+        if step >= 1 and record["grad_norm"] > 1:
+            assert len(largest) == 10 and set(largest) <= names
+            values = list(largest.values())
+            assert values == sorted(values, reverse=True) and values[0] <= record["grad_norm"] + 1e-6
+            assert values[0] > record["grad_clip"]  # measured before clipping (after it the total is the clip)
+        else:
+            assert largest is None
+    assert any("grad_norms" in r for r in records), [r["grad_norm"] for r in records]

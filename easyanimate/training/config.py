@@ -99,6 +99,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     abnormal_norm_clip_start: int = _f(1000, "steps of the adaptive clip warm-up")
     initial_grad_norm_ratio: float = _f(5.0, "adaptive clip starts at this multiple of max_grad_norm")
+    report_model_info: bool = _f(False, "also log the clip value and, when the gradient norm exceeds 1 after the clip "
+                                 "warm-up, the 10 largest per-parameter gradient norms (to find what spikes)")
     gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward")
     allow_tf32: bool = _f(False, "TF32 matmuls on Ampere+ GPUs")
     mixed_precision: str = _f(None, "no / fp16 / bf16 (default: accelerate config)", choices=[None, "no", "fp16", "bf16"])

@@ -167,6 +167,12 @@ def adaptive_clip_norm(step: int, grad_norm: float, cfg: TrainConfig) -> float:
     return base / min(excess, 10.0) if excess > 5 else base
 
 
+def largest_grad_norms(params: Sequence[nn.Parameter], names: Sequence[str], count: int = 10) -> dict[str, float]:
+    """The ``count`` largest gradient L2 norms by parameter name, largest first (``--report_model_info``)."""
+    norms = [(float(p.grad.detach().float().norm()), n) for p, n in zip(params, names) if p.grad is not None]
+    return {name: norm for norm, name in sorted(norms, reverse=True)[:count]}
+
+
 # ------------------------------------------------------------------------------------------------ encoding
 def sample_posterior(vae, pixels: torch.Tensor, keys: Sequence[tuple], replicas: int, seed: int, tag: int,
                      mini_batch: int) -> torch.Tensor:
@@ -428,6 +434,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
     trainable = [p for g in param_groups for p in g["params"]]
+    names = {id(p): n for n, p in (lora_network or transformer).named_parameters()}
+    trainable_names = [names.get(id(p), f"param{i}") for i, p in enumerate(trainable)]
     _register_state_hooks(accelerator, transformer, lora_network)
 
     # --- resume
@@ -490,6 +498,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                     # full fine-tunes use the original's adaptive clip value, LoRA a plain one
                     norm = float(accelerator.clip_grad_norm_(trainable, float("inf")))  # unscale + measure only
                     clip = cfg.max_grad_norm if cfg.lora else adaptive_clip_norm(global_step, norm, cfg)
+                    if cfg.report_model_info:
+                        model_info = {"grad_clip": clip}
+                        if norm > 1 and global_step >= cfg.abnormal_norm_clip_start:
+                            model_info["grad_norms"] = largest_grad_norms(trainable, trainable_names)
                     torch.nn.utils.clip_grad_norm_(trainable, clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -509,8 +521,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             record = {"step": global_step, "loss": step_loss, "lr": lr}
             if not use_deepspeed:
                 record["grad_norm"] = norm
-            accelerator.log({"train_loss": step_loss, **{k: v for k, v in record.items() if k in ("lr", "grad_norm")}},
-                            step=global_step)
+                if cfg.report_model_info:
+                    record.update(model_info)
+            scalars = {k: v for k, v in record.items() if k in ("lr", "grad_norm", "grad_clip")}
+            scalars.update({f"grad_norm/{k}": v for k, v in record.get("grad_norms", {}).items()})
+            accelerator.log({"train_loss": step_loss, **scalars}, step=global_step)
             if accelerator.is_main_process:
                 with open(output_dir / "train_log.jsonl", "a") as log_file:
                     log_file.write(json.dumps(record) + "\n")
