@@ -6,6 +6,7 @@ are not used); skipped with the reason when either is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,21 +41,36 @@ def browser():
         browser.close()
 
 
-def test_page_generates_a_video_when_generate_is_clicked(browser, tiny_model_dir, tmp_path):
+@contextlib.contextmanager
+def served_page(browser, tiny_model_dir, tmp_path, model_name="tiny"):
+    """The app on a free local port with the tiny model as ``model_name``; yields (page, studio)."""
     from playwright.sync_api import expect
 
-    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / model_name)
     studio = Studio(tmp_path / "models", tmp_path / "loras", tmp_path / "samples")
     demo = launch(studio, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
     try:
         page = browser.new_page()
         page.goto(demo.local_url)
         expect(page.locator("#generate")).to_be_visible(timeout=30_000)
+        yield page, studio
+    finally:
+        demo.close()
+
+
+def set_number(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+
+
+def test_page_generates_a_video_when_generate_is_clicked(browser, tiny_model_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    with served_page(browser, tiny_model_dir, tmp_path) as (page, studio):
         page.locator("#prompt textarea").fill("a red ball rolls across a wooden table")
-        for slider, value in [("#width", "96"), ("#height", "64"), ("#frames", "8"), ("#steps", "2")]:
-            box = page.locator(f"{slider} input[type=number]")
-            box.fill(value)
-            box.press("Enter")
+        for elem_id, value in [("width", "96"), ("height", "64"), ("frames", "8"), ("steps", "2")]:
+            set_number(page, elem_id, value)
         page.locator("#generate").click()
         video = page.locator("#result-video video")
         expect(video).to_be_visible(timeout=120_000)
@@ -65,8 +81,6 @@ def test_page_generates_a_video_when_generate_is_clicked(browser, tiny_model_dir
         assert settings["prompt"] == "a red ball rolls across a wooden table"
         assert (settings["width"], settings["height"], settings["frames"], settings["steps"]) == (96, 64, 8, 2)
         assert (studio.output.root / settings["output"]).is_file()
-    finally:
-        demo.close()
 
 
 def test_template_start_image_fills_the_inputs_and_generates(browser, tiny_model_dir, tmp_path):
@@ -77,13 +91,8 @@ def test_template_start_image_fills_the_inputs_and_generates(browser, tiny_model
     from easyanimate.ui.app import DEFAULT_MODEL_NAME
 
     template = IMAGE_TEMPLATES[2]  # the 48 x 96 one: the size must follow the template
-    shutil.copytree(tiny_model_dir, tmp_path / "models" / DEFAULT_MODEL_NAME)  # preselected: the demo's start sizes
-    studio = Studio(tmp_path / "models", tmp_path / "loras", tmp_path / "samples")
-    demo = launch(studio, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
-    try:
-        page = browser.new_page()
-        page.goto(demo.local_url)
-        expect(page.locator("#generate")).to_be_visible(timeout=30_000)
+    # named as the demo, which is preselected: the page starts at the demo's size
+    with served_page(browser, tiny_model_dir, tmp_path, DEFAULT_MODEL_NAME) as (page, studio):
         assert page.locator("#width input[type=number]").input_value() == "64"  # the demo's size, not 672 x 384
         expect(page.locator("#image-templates")).to_be_hidden()
         page.get_by_label("Image to Video").check()
@@ -93,9 +102,7 @@ def test_template_start_image_fills_the_inputs_and_generates(browser, tiny_model
         expect(page.locator("#prompt textarea")).to_have_value(template.prompt)
         expect(page.locator("#width input[type=number]")).to_have_value("96")
         expect(page.locator("#height input[type=number]")).to_have_value("48")
-        box = page.locator("#steps input[type=number]")
-        box.fill("2")
-        box.press("Enter")
+        set_number(page, "steps", "2")
         page.locator("#generate").click()
         expect(page.locator("#result-video video")).to_be_visible(timeout=120_000)
 
@@ -104,5 +111,3 @@ def test_template_start_image_fills_the_inputs_and_generates(browser, tiny_model
         assert settings["kind"] == "Image to Video" and settings["prompt"] == template.prompt
         assert settings["start_image"] == template.image
         assert (settings["width"], settings["height"], settings["frames"]) == (96, 48, 16)
-    finally:
-        demo.close()
