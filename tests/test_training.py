@@ -535,3 +535,45 @@ def test_report_model_info_logs_the_clip_and_the_largest_gradients(tiny_model_di
         else:
             assert largest is None
     assert any("grad_norms" in r for r in records), [r["grad_norm"] for r in records]
+
+
+def test_low_vram_moves_each_frozen_model_in_only_while_it_encodes(baseline, tiny_model_dir, data, tmp_path):
+    """``--low_vram`` keeps the VAE and text encoders parked on the CPU and moves each to the training device just
+    for its encode (recorded here through ``Module.to``); the run computes what the normal run computes."""
+    from easyanimate.training import trainer
+
+    moves = []
+
+    class Recorded(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            moves.append(str(args[0]))
+            return self
+
+    layer = Recorded(2, 2)
+    with trainer.on_device([layer, None], "cuda:1"):
+        assert moves == ["cuda:1"]
+    assert moves == ["cuda:1", "cpu"]
+    with pytest.raises(RuntimeError, match="boom"), trainer.on_device([layer], "cuda:1"):
+        raise RuntimeError("boom")
+    assert moves[-1] == "cpu"  # parked again after a failure too
+    with trainer.on_device([layer], "cuda:1", enabled=False):
+        pass
+    assert len(moves) == 4
+
+    encodes = []
+    real_on_device = trainer.on_device
+
+    def spy(modules, device, enabled=True):
+        names = sorted(type(m).__name__ for m in modules if m is not None)
+        encodes.append((names, enabled))
+        return real_on_device(modules, device, enabled)
+
+    _, result = baseline
+    try:
+        trainer.on_device = spy
+        low = train(parse_args(_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps",
+                                     "2", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--low_vram")))
+    finally:
+        trainer.on_device = real_on_device
+    assert [loss for _, loss in low.losses] == [loss for _, loss in result.losses[:2]]
+    assert (["AutoencoderKLMagvit"], True) in encodes and (["BertModel", "T5EncoderModel"], True) in encodes

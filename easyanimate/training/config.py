@@ -102,6 +102,8 @@ class TrainConfig:
     report_model_info: bool = _f(False, "also log the clip value and, when the gradient norm exceeds 1 after the clip "
                                  "warm-up, the 10 largest per-parameter gradient norms (to find what spikes)")
     gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward")
+    low_vram: bool = _f(False, "keep the VAE and text encoders on the CPU and move each to the GPU only while it "
+                        "encodes (the original's; slower, frees their GPU memory for the transformer)")
     allow_tf32: bool = _f(False, "TF32 matmuls on Ampere+ GPUs")
     mixed_precision: str = _f(None, "no / fp16 / bf16 (default: accelerate config)", choices=[None, "no", "fp16", "bf16"])
     use_ema: bool = _f(False, "keep an EMA of the transformer weights (diffusers EMAModel)")

@@ -57,6 +57,25 @@ class FrozenModels:
     text_cache: dict | None = None  # caption -> embeddings, when precomputed
 
 
+@contextlib.contextmanager
+def on_device(modules: Sequence[nn.Module | None], device, enabled: bool = True):
+    """``--low_vram``: move ``modules`` (parked on the CPU) to ``device`` for the block and back afterwards,
+    emptying the CUDA cache, so only the transformer stays resident. Does nothing when not ``enabled``."""
+    modules = [m for m in modules if m is not None]
+    if not enabled or not modules:
+        yield
+        return
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 class TrainableTransformer(nn.Module):
     """What the optimizer and DDP see: the transformer and, in LoRA mode, the LoRA network whose adapters hook
     into the transformer's Linears (calling ``forward`` here runs them, so DDP syncs their gradients)."""
@@ -96,7 +115,8 @@ def load_models(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtyp
         raise ValueError("--train_mode normal with an InP transformer leaves its inpaint inputs untrained; use inpaint")
     frozen = [pipe.vae, pipe.text_encoder, pipe.text_encoder_2] + ([pipe.image_encoder] if pipe.image_encoder else [])
     for module in frozen:
-        module.requires_grad_(False).eval().to(device, weight_dtype)
+        parked = cfg.low_vram and module is not pipe.image_encoder  # moved in by on_device() when they encode
+        module.requires_grad_(False).eval().to("cpu" if parked else device, weight_dtype)
     frozen_models = FrozenModels(
         pipeline=pipe, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
         tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
@@ -239,10 +259,11 @@ def prepare_batch(transformer: nn.Module, frozen: FrozenModels, objective: Diffu
     seed = objective.seed
 
     pixels = batch["pixel_values"].to(device, weight_dtype).transpose(1, 2)  # B, 3, F, H, W
-    with torch.no_grad():
+    with torch.no_grad(), on_device([frozen.vae], device, cfg.low_vram):
         latents = sample_posterior(frozen.vae, pixels, keys, replicas, seed, 0, cfg.vae_mini_batch)
         texts = [t for t in batch["text"] for _ in range(replicas)]
-        bert, bert_mask, t5, t5_mask = encode_text(frozen, texts, device, weight_dtype)
+        with on_device([frozen.text_encoder, frozen.text_encoder_2], device, cfg.low_vram):
+            bert, bert_mask, t5, t5_mask = encode_text(frozen, texts, device, weight_dtype)
         extra = {}
         if cfg.train_mode == "inpaint":
             mask = batch["mask"].to(device, weight_dtype).transpose(1, 2)  # B, 1, F, H, W; 1 = generate
@@ -404,8 +425,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         frozen.text_cache = {}
         uses_empty = cfg.text_drop_ratio > 0 or cfg.lcm_distillation  # LCM: the teacher's unconditional input
         captions = sorted({e["text"] for e in entries} | ({""} if uses_empty else set()))
-        for start in tqdm(range(0, len(captions), 64), desc="text embeddings", disable=not accelerator.is_main_process):
-            encode_text(frozen, captions[start : start + 64], "cpu", weight_dtype)
+        with on_device([frozen.text_encoder, frozen.text_encoder_2], device, cfg.low_vram):
+            for start in tqdm(range(0, len(captions), 64), desc="text embeddings",
+                              disable=not accelerator.is_main_process):
+                encode_text(frozen, captions[start : start + 64], "cpu", weight_dtype)
         # free accelerator memory; validation moves them back for its prompts
         frozen.text_encoder.to("cpu")
         frozen.text_encoder_2.to("cpu")
@@ -626,9 +649,10 @@ def render_validation(frozen: FrozenModels, transformer: nn.Module, ema, cfg: Tr
     saved = []
     context = _ema_weights(ema, transformer) if ema is not None else contextlib.nullcontext()
     device = next(transformer.parameters()).device
-    offloaded = [m for m in (pipe.text_encoder, pipe.text_encoder_2) if next(m.parameters()).device != device]
+    # precomputed text embeddings or --low_vram parked these on the CPU
+    offloaded = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if next(m.parameters()).device != device]
     try:
-        for module in offloaded:  # precomputed text embeddings parked the encoders on the CPU
+        for module in offloaded:
             module.to(device)
         with context:
             for i, prompt in enumerate(cfg.validation_prompts):
