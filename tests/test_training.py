@@ -450,8 +450,8 @@ def test_trainable_modules_select_parameters_by_name(tiny_model_dir):
 def test_vae_path_and_the_original_launch_flags(tiny_model_dir, data, tmp_path, caplog):
     """``--vae_path`` trains on a fine-tuned VAE (train_vae.py's ``vae/`` folder; the original's training-only
     ``loss.*`` keys are dropped), and weights that do not fit stop with the mismatch named. The original train.sh's
-    ``--config_path``, ``--enable_xformers_memory_efficient_attention`` and ``--not_sigma_loss`` are accepted and
-    ignored with a notice each."""
+    ``--config_path``, ``--enable_xformers_memory_efficient_attention``, ``--not_sigma_loss`` and ``--multi_stream``
+    are accepted and ignored with a notice each."""
     from safetensors.torch import save_file
 
     from easyanimate.training import trainer as T
@@ -463,9 +463,9 @@ def test_vae_path_and_the_original_launch_flags(tiny_model_dir, data, tmp_path, 
     with caplog.at_level("WARNING", logger="easyanimate.training.config"):
         cfg = parse_args(_args(tiny_model_dir, data, "unused", "--vae_path", str(tmp_path / "vae"), "--config_path",
                                "config/easyanimate_video_slicevae_multi_text_encoder_v4.yaml", "--not_sigma_loss",
-                               "--enable_xformers_memory_efficient_attention"))
+                               "--enable_xformers_memory_efficient_attention", "--multi_stream"))
     notices = [r.getMessage() for r in caplog.records]
-    assert len(notices) == 3 and all("is not needed and is ignored" in n for n in notices), notices
+    assert len(notices) == 4 and all("is not needed and is ignored" in n for n in notices), notices
     _, frozen = T.load_models(cfg, torch.device("cpu"), torch.float32)
     loaded = frozen.vae.state_dict()
     assert loaded.keys() == vae.keys() and all(torch.equal(loaded[k], vae[k]) for k in vae)

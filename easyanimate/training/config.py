@@ -23,6 +23,7 @@ IGNORED_ORIGINAL_FLAGS = {
     "config_path": "the architecture comes from the model folder's config.json files",
     "enable_xformers_memory_efficient_attention": "attention uses PyTorch's scaled_dot_product_attention",
     "not_sigma_loss": "the V4 loss is the only loss this trainer has",
+    "multi_stream": "the VAE encodes run on the default CUDA stream (the original overlapped them on two more)",
 }
 
 
