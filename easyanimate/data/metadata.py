@@ -75,7 +75,8 @@ def normalize_entry(row: Any, where: str, data_root: str | os.PathLike | None = 
     return entry
 
 
-def _read_rows(path: Path) -> list:
+def read_rows(path: Path) -> list:
+    """The raw rows of a .json / .jsonl / .csv metadata file, unchecked (see :func:`load_metadata`)."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
@@ -113,7 +114,7 @@ def load_metadata(path: str | os.PathLike, data_root: str | os.PathLike | None =
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"metadata file not found: {path}")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     # CSV rows are 1-based with the header on line 1; JSON-lines are 1-based; JSON rows are list indices.
     offset = {".csv": 2, ".jsonl": 1}.get(path.suffix.lower(), 0)
     label = "line" if path.suffix.lower() in (".csv", ".jsonl") else "entry"

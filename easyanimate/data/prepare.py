@@ -5,8 +5,8 @@ dropped, longer than ``max_seconds`` cut into equal pieces of at most that lengt
 skipped. Every piece is re-encoded to its own mp4 (H.264, frame-accurate cuts, no audio) and listed in a
 ``metadata.json`` in the training format with an empty caption, ready for captions and ``scripts/check_dataset.py``.
 With ``min_motion``, clips that hardly move are left out (:func:`motion_score`, the original's optical-flow filter
-of its second stage). Its other stages (aesthetic and OCR filters, VILA captions, LLM rewrites) need model weights
-and are not part of this project.
+of its second stage). Its caption rewrite by a language model is :mod:`easyanimate.data.captions`; its other stages
+(aesthetic and OCR filters, VILA captions) need model weights and are not part of this project.
 
 Re-running the same command skips the clips already written and rewrites the metadata; every clip is encoded
 under a temporary name and renamed when complete, so an interrupted run never leaves a truncated clip behind.
