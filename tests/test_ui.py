@@ -713,6 +713,7 @@ def test_hosted_mode_serves_one_model_within_its_limits_to_the_page_and_every_ap
         assert controls["steps"]["maximum"] == 5 and controls["frames"]["maximum"] == 16
         assert LONG_VIDEO not in [choice[0] for choice in controls["Generation kind"]["choices"]]
         assert controls["Model folder"]["interactive"] is False and controls["LoRA"]["visible"] is False
+        assert "prompt-examples" not in controls and "image-templates" not in controls  # no demo model: no examples
         client = Client(demo.local_url, verbose=False)
         with pytest.raises(Exception, match="greater than maximum value 5"):  # the slider's own bound
             client.predict(**api_kwargs(steps=6), api_name="/generate")

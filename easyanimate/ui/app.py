@@ -237,19 +237,23 @@ def build_app(studio: Studio | RemoteStudio) -> gr.Blocks:
                                elem_id="frames")
             seed = gr.Number(43, precision=0, label="Seed (-1 = random)")
             dice = gr.Button("Random seed", scale=0)
+        offers_demo = DEFAULT_MODEL_NAME in models  # the examples are in the demo model's world
         with gr.Group(visible=False) as template_inputs:
+            if offers_demo:
+                gr.Examples(
+                    [[str(e.image_path), e.prompt, e.width, e.height, DEMO_FRAMES, DEMO_STEPS]
+                     for e in IMAGE_TEMPLATES],
+                    [start_image, prompt, width, height, frames, steps],
+                    label="Template start images for the demo model (fill the image, prompt and size)",
+                    elem_id="image-templates",
+                )
+        if offers_demo:
             gr.Examples(
-                [[str(e.image_path), e.prompt, e.width, e.height, DEMO_FRAMES, DEMO_STEPS] for e in IMAGE_TEMPLATES],
-                [start_image, prompt, width, height, frames, steps],
-                label="Template start images for the demo model (fill the image, prompt and size)",
-                elem_id="image-templates",
+                [[e.prompt, e.width, e.height, DEMO_FRAMES, DEMO_STEPS] for e in TEXT_EXAMPLES],
+                [prompt, width, height, frames, steps],
+                label="Prompts for the demo model (English or Chinese; fill the prompt and size)",
+                elem_id="prompt-examples",
             )
-        gr.Examples(
-            [[e.prompt, e.width, e.height, DEMO_FRAMES, DEMO_STEPS] for e in TEXT_EXAMPLES],
-            [prompt, width, height, frames, steps],
-            label="Prompts for the demo model (English or Chinese; fill the prompt and size)",
-            elem_id="prompt-examples",
-        )
         generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             result_video = gr.Video(label="Result", elem_id="result-video", interactive=False)
