@@ -119,7 +119,8 @@ class RemoteStudio:
                 raise RefusedError(f"the server at {self.url} sent no result file ({exc})") from exc
             is_image = settings.kind == TEXT_TO_IMAGE or Path(str(answer.get("save_sample_path"))).suffix == ".png"
             asked = dataclasses.asdict(settings)
-            used = {**asked, **(answer.get("settings") or {}), "server": self.url}
+            reported = answer.get("settings")  # ours sends what it used (the drawn seed); the original does not
+            used = {**asked, **(reported if isinstance(reported, dict) else {}), "server": self.url}
             for key in ("start_image", "end_image", "video"):  # the upload's name, not a temporary path
                 used[key] = Path(asked[key]).name if asked[key] else None
             return self._save(media, is_image, settings.kind, used)
