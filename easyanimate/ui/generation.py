@@ -165,8 +165,9 @@ class HostedLimits:
         if self.max_frames % 8:
             raise ValueError(f"the most frames must be a multiple of 8 (the VAE's frame chunk), got {self.max_frames}")
 
-    def check(self, settings: "GenerationSettings", height: int, width: int) -> None:
-        """Refuse what this server does not offer; ``height`` x ``width`` is the size that would be generated."""
+    def check(self, settings: "GenerationSettings", height: int | None, width: int | None) -> None:
+        """Refuse what this server does not offer; ``height`` x ``width`` is the size that would be generated
+        (None when another server decides it)."""
         if settings.model != self.model:
             raise RefusedError(f"this server serves only the model {self.model!r}")
         if settings.lora != NONE_CHOICE or settings.transformer_weights != NONE_CHOICE:
@@ -178,7 +179,7 @@ class HostedLimits:
             raise RefusedError(f"this server runs at most {self.max_steps} sampling steps, got {settings.steps}")
         if settings.kind != TEXT_TO_IMAGE and settings.frames > self.max_frames:
             raise RefusedError(f"this server makes at most {self.max_frames} frames, got {settings.frames}")
-        if height * width > self.max_pixels:
+        if height is not None and width is not None and height * width > self.max_pixels:
             raise RefusedError(f"this server makes frames of at most {self.max_pixels} pixels (e.g. 672 x 384 "
                                f"for {672 * 384}), got {width} x {height}")
 

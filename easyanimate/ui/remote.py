@@ -100,10 +100,10 @@ class RemoteStudio:
         """Check the settings and uploads, post them, save the returned file and the settings (no step progress:
         the original's route reports none)."""
         settings.check()
-        if not settings.resize_to_reference:
+        if settings.resize_to_reference:  # the server picks the size from the reference, within its own limits
+            self.hosted.check(settings, None, None)
+        else:
             self.hosted.check(settings, settings.height, settings.width)
-        else:  # the server picks the size from the reference; it applies its own limits
-            self.hosted.check(settings, 16, 16)
         for path, what in ((settings.start_image, "start image"), (settings.end_image, "end image")):
             if path:
                 open_image_upload(path, self.limits, what)
