@@ -396,15 +396,23 @@ class Studio:
     def _save(self, videos: torch.Tensor, kind: str, settings: dict[str, Any]) -> GenerationResult:
         from easyanimate.utils.video_io import save_video
 
-        stem = self.output.new_stem(kind)
         is_image = videos.shape[2] == 1
-        media = self.output.check(stem.with_suffix(".png" if is_image else ".mp4"))
-        save_video(videos, media, fps=FPS)  # writes a temporary file and renames it
-        settings = {**settings, "output": media.name, "fps": None if is_image else FPS}
-        settings_path = self.output.check(stem.with_suffix(".json"))
-        write_text_atomic(settings_path, json.dumps(settings, indent=2, ensure_ascii=False))
-        logger.info("saved %s and %s", media, settings_path.name)
-        return GenerationResult(path=media, settings_path=settings_path, is_image=is_image, settings=settings)
+        return save_result(self.output, kind, is_image, lambda media: save_video(videos, media, fps=FPS),
+                           {**settings, "fps": None if is_image else FPS})
+
+
+def save_result(output: OutputFolder, kind: str, is_image: bool, write_media: Callable[[Path], Any],
+                settings: dict[str, Any]) -> GenerationResult:
+    """Write a result under a fresh name in ``output`` (``write_media(path)`` writes it, atomically) and its settings
+    JSON beside it, with the result's file name as ``output``."""
+    stem = output.new_stem(kind)
+    media = output.check(stem.with_suffix(".png" if is_image else ".mp4"))
+    write_media(media)
+    settings = {**settings, "output": media.name}
+    settings_path = output.check(stem.with_suffix(".json"))
+    write_text_atomic(settings_path, json.dumps(settings, indent=2, ensure_ascii=False))
+    logger.info("saved %s and %s", media, settings_path.name)
+    return GenerationResult(path=media, settings_path=settings_path, is_image=is_image, settings=settings)
 
 
 def _long_video_chunks(frames: int, partial: int, overlap: int) -> int:

@@ -12,13 +12,17 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
-import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from easyanimate.ui.generation import TEXT_TO_IMAGE, GenerationResult, GenerationSettings, HostedLimits
+from easyanimate.ui.generation import (
+    TEXT_TO_IMAGE,
+    GenerationResult,
+    GenerationSettings,
+    HostedLimits,
+    save_result,
+)
 from easyanimate.ui.original_api import infer_request
 from easyanimate.ui.safety import (
     NONE_CHOICE,
@@ -28,9 +32,7 @@ from easyanimate.ui.safety import (
     check_video_upload,
     open_image_upload,
 )
-from easyanimate.utils.atomic import write_bytes_atomic, write_text_atomic
-
-logger = logging.getLogger(__name__)
+from easyanimate.utils.atomic import write_bytes_atomic
 
 
 class RemoteStudio:
@@ -123,14 +125,5 @@ class RemoteStudio:
             used = {**asked, **(reported if isinstance(reported, dict) else {}), "server": self.url}
             for key in ("start_image", "end_image", "video"):  # the upload's name, not a temporary path
                 used[key] = Path(asked[key]).name if asked[key] else None
-            return self._save(media, is_image, settings.kind, used)
-
-    def _save(self, media: bytes, is_image: bool, kind: str, settings: dict[str, Any]) -> GenerationResult:
-        stem = self.output.new_stem(kind)
-        path = self.output.check(stem.with_suffix(".png" if is_image else ".mp4"))
-        write_bytes_atomic(path, media)
-        settings = {**settings, "output": path.name}
-        settings_path = self.output.check(stem.with_suffix(".json"))
-        write_text_atomic(settings_path, json.dumps(settings, indent=2, ensure_ascii=False))
-        logger.info("saved %s and %s", path, settings_path.name)
-        return GenerationResult(path=path, settings_path=settings_path, is_image=is_image, settings=settings)
+            return save_result(self.output, settings.kind, is_image, lambda path: write_bytes_atomic(path, media),
+                               used)
