@@ -263,3 +263,25 @@ def test_shipped_templates_are_rendered_and_show_what_their_prompts_say(tmp_path
         assert judge_frames(shapes.render_clip(clip)).motion == example.motion  # the motion fits in the frame
     for example in TEXT_EXAMPLES:
         assert (example.height, example.width) in shapes.SIZES
+
+
+def test_demo_mt5_gives_a_word_the_same_state_in_every_caption(tiny_model_dir):
+    """The demo's tiny mT5 (attention / feed-forward outputs at DEMO_T5_RESIDUAL_SCALE) gives a caption word nearly
+    the same state in every training caption, like a trained encoder; the unscaled random one hashes the context."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    def word_state_similarity(folder):
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer_2")
+        encoder = T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval()
+        states = {}
+        for combination in training_combinations()[::3]:
+            for language in ("en", "zh"):
+                ids = tokenizer(caption(*combination, language), return_tensors="pt").input_ids
+                with torch.no_grad():
+                    hidden = torch.nn.functional.normalize(encoder(input_ids=ids).last_hidden_state[0], dim=-1)
+                for token, state in zip(ids[0].tolist(), hidden):
+                    states.setdefault(token, []).append(state)
+        return np.mean([(torch.stack(s) @ torch.stack(s).T).mean().item() for s in states.values() if len(s) > 1])
+
+    assert word_state_similarity(DEMO_MODEL) > 0.85
+    assert word_state_similarity(tiny_model_dir) < 0.65

@@ -55,6 +55,9 @@ DEMO_VAE_CONFIG = {
     "sample_size": 64,
 }
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# The tiny mT5's attention / feed-forward outputs at 0.2 of their random gain, so a word's state depends mostly on
+# the word (see tiny_model.write_t5_encoder), as in a trained encoder.
+DEMO_T5_RESIDUAL_SCALE = 0.2
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -67,7 +70,7 @@ def build_base_model(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bo
     from ..models.vae import AutoencoderKLMagvit
 
     out_dir = Path(out_dir)
-    build_tiny_model(out_dir, seed=seed, overwrite=overwrite)
+    build_tiny_model(out_dir, seed=seed, overwrite=overwrite, t5_residual_scale=DEMO_T5_RESIDUAL_SCALE)
     torch.manual_seed(seed)
     for name, cls, config in (("transformer", HunyuanTransformer3DModel, DEMO_TRANSFORMER_CONFIG),
                               ("vae", AutoencoderKLMagvit, DEMO_VAE_CONFIG)):

@@ -405,8 +405,13 @@ def write_bert(folder: Path, seed: int, vocab_size: int) -> None:
     save_file(_state_dict_for_saving(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def write_t5_encoder(folder: Path, seed: int, vocab_size: int) -> None:
-    """T5EncoderModel in two safetensors shards plus ``model.safetensors.index.json``, like the release."""
+def write_t5_encoder(folder: Path, seed: int, vocab_size: int, residual_scale: float = 1.0) -> None:
+    """T5EncoderModel in two safetensors shards plus ``model.safetensors.index.json``, like the release.
+
+    ``residual_scale`` multiplies the output projections of every attention and feed-forward block (``o``, ``wo``).
+    At 1 (random weights of unit gain) each token's state is dominated by the rest of the caption: a word's states
+    in two captions have cosine ~0.5, a context hash no trained encoder has. Below 1 the word's own embedding
+    dominates (0.2: cosine ~0.92, like the tiny BERT), as a trained encoder's consistent word meanings do."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(vocab_size=vocab_size, **T5_CONFIG)
@@ -414,6 +419,10 @@ def write_t5_encoder(folder: Path, seed: int, vocab_size: int) -> None:
     config.architectures = ["T5EncoderModel"]
     model = T5EncoderModel(config)
     randomize_weights_(model, _generator(seed, "text_encoder_2"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("SelfAttention.o.weight", "DenseReluDense.wo.weight")):
+                param.mul_(residual_scale)
     folder.mkdir(parents=True)
     _write_transformers_config(config, folder)
     state = _state_dict_for_saving(model)
@@ -454,8 +463,10 @@ def write_clip(folder: Path, seed: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = False) -> Path:
-    """Write a complete tiny model folder in the released V4 layout to ``out_dir`` and return its path.
+def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = False,
+                     t5_residual_scale: float = 1.0) -> Path:
+    """Write a complete tiny model folder in the released V4 layout to ``out_dir`` and return its path
+    (``t5_residual_scale``: see ``write_t5_encoder``).
 
     The folder is assembled in a temporary sibling directory and renamed into place at the end, so an interrupted
     build never leaves a folder that looks complete. An existing ``out_dir`` is an error unless ``overwrite``.
@@ -474,7 +485,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bo
         t5_vocab = -(-n_pieces // T5_VOCAB_MULTIPLE) * T5_VOCAB_MULTIPLE
 
         write_bert(work / "text_encoder", seed, len(vocab))
-        write_t5_encoder(work / "text_encoder_2", seed, t5_vocab)
+        write_t5_encoder(work / "text_encoder_2", seed, t5_vocab, t5_residual_scale)
         write_clip(work / "image_encoder", seed)
         (work / "scheduler").mkdir()
         _write_json(work / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
