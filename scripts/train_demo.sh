@@ -11,7 +11,8 @@
 # Measured on the 2-core machine with OMP_NUM_THREADS=2: about 2 h 05 min in all: data 1 min; VAE 2000 image steps
 # (4.5 min) + 2400 clip/image steps (6 min) + 3000 decoder-only steps (~8 min alone; 12 min beside stage 1);
 # transformer stages 1000 + 1500 + 6000 + 1500 steps of batch 16 (8 + 15 + 65 + 16 min on otherwise idle cores;
-# running anything else beside them slows them 2-7x; expect ~1.5x longer with the default 1 thread).
+# running anything else beside them slows them 2-7x; expect ~1.5x longer with the default 1 thread). On the slower
+# machine of 2026-12-01 the transformer stages took 11 + 24.5 + ~110 + 30 min (models/EasyAnimateV4-demo/README.md).
 # Re-running resumes every stage from its newest checkpoint. The result is WORK_DIR/EasyAnimateV4-demo; copy it
 # to models/ (DEST=models/EasyAnimateV4-demo writes it there directly).
 set -euo pipefail
@@ -43,7 +44,8 @@ if [ ! -f "${WORK}/data/metadata.json" ]; then
 fi
 META="${WORK}/data/metadata.json"
 
-# 2. base model: tiny-model text encoders, tokenizers, CLIP, scheduler; demo transformer + VAE architectures
+# 2. base model: tiny-model text encoders (the mT5 with its output projections at DEMO_T5_RESIDUAL_SCALE), tokenizers,
+#    CLIP, scheduler; demo transformer + VAE architectures
 if [ ! -f "${WORK}/base/model_index.json" ]; then
   step "base model"
   "${PYTHON}" -m easyanimate.demo.build base "${WORK}/base"
