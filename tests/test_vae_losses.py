@@ -205,6 +205,29 @@ def test_reconstruction_follows_the_original_formula():
     assert torch.allclose(logs["rec_loss"], rec.mean(), rtol=1e-5)
 
 
+def test_first_frame_weight_counts_frame_zero_of_each_clip_more():
+    torch.manual_seed(0)
+    lpips = tiny_lpips()
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    x_rec = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1)
+    nll, logs = VAELoss(LossWeights(l1=1.0, l2=0.3, perceptual=0.7, first_frame=5.0), None, lpips).reconstruction(
+        x, x_rec)
+    # per-frame sums as in the original, then a weighted mean: frame 0 of each clip 5x, the weights of mean 1
+    fx, fr = frames_of(x), frames_of(x_rec)
+    per_frame = (1.0 * (fx - fr).abs() + 0.3 * (fx - fr) ** 2 + 0.7 * lpips(fx, fr)).flatten(1).sum(1)
+    weights = torch.tensor([5.0, 1, 1, 1, 5, 1, 1, 1]) / 2.0
+    assert torch.allclose(nll, (per_frame * weights).mean(), rtol=1e-5)
+    unweighted, _ = VAELoss(LossWeights(l1=1.0, l2=0.3, perceptual=0.7), None, lpips).reconstruction(x, x_rec)
+    assert not torch.allclose(nll, unweighted, rtol=1e-3)
+    # a batch of images has no first frame to favour
+    images, images_rec = x[:, :, :1], x_rec[:, :, :1]
+    loss = VAELoss(LossWeights(l1=1.0, perceptual=0.0, first_frame=5.0), None)
+    plain = VAELoss(LossWeights(l1=1.0, perceptual=0.0), None)
+    assert torch.equal(loss.reconstruction(images, images_rec)[0], plain.reconstruction(images, images_rec)[0])
+    with pytest.raises(ValueError, match="first-frame weight"):
+        VAELoss(LossWeights(perceptual=0.0, first_frame=0.0), None)
+
+
 def test_perceptual_weight_needs_lpips():
     with pytest.raises(ValueError, match="lpips_weights"):
         VAELoss(LossWeights(perceptual=1.0), None, None)

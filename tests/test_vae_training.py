@@ -150,6 +150,8 @@ def test_clear_errors_for_bad_settings(data, tmp_path, vae_config):
         train(settings(data, tmp_path, vae_config=str(vae_config), video_len=25, max_train_steps=1))
     with pytest.raises(ValueError, match="gradient_accumulation_steps must be >= 1"):
         settings(data, tmp_path, vae_config=str(vae_config), gradient_accumulation_steps=0).validate()
+    with pytest.raises(ValueError, match="first_frame_loss_weight must be > 0"):
+        settings(data, tmp_path, vae_config=str(vae_config), first_frame_loss_weight=0).validate()
 
 
 # -- training ----------------------------------------------------------------------------------------------------

@@ -348,6 +348,10 @@ class LossWeights:
     kl: float = 1e-6
     disc: float = 0.5
     disc_start: int = 50001
+    # Not in the original (1 = its loss): frame 0 of every clip counts this many times as much as each other frame
+    # in the reconstruction terms. Image-to-video starts from that frame, and the V4 VAE codes frames 0-3 in one
+    # latent, where frame 0 comes out blurred along the motion.
+    first_frame: float = 1.0
 
 
 class VAELoss(nn.Module):
@@ -364,6 +368,8 @@ class VAELoss(nn.Module):
             )
         if weights.l1 < 0 or weights.l2 < 0 or weights.perceptual < 0 or weights.kl < 0 or weights.disc < 0:
             raise ValueError(f"loss weights must be >= 0, got {weights}")
+        if weights.first_frame <= 0:
+            raise ValueError(f"the first-frame weight must be > 0, got {weights.first_frame}")
         self.weights = weights
         self.lpips = lpips if weights.perceptual > 0 else None
         self.discriminators = discriminators
@@ -373,25 +379,33 @@ class VAELoss(nn.Module):
         return self.discriminators is not None and self.weights.disc > 0 and step >= self.weights.disc_start
 
     def reconstruction(self, x: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``nll``: the per-pixel terms summed over each frame and averaged over the ``B*T`` frames."""
+        """``nll``: the per-pixel terms summed over each frame and averaged over the ``B*T`` frames (a weighted
+        average when ``first_frame`` != 1 and the clips have more than one frame)."""
         w = self.weights
         frames, rec_frames = frames_of(x).float(), frames_of(x_rec).float()
         n, c, h, wd = frames.shape
         diff = frames - rec_frames
+        frame_weights = self.frame_weights(x)
+
+        def frame_mean(values: torch.Tensor) -> torch.Tensor:  # (B*T, ...) -> the (weighted) mean
+            if frame_weights is None:
+                return values.mean()
+            return (values.flatten(1).mean(1) * frame_weights).mean()
+
         per_pixel = torch.zeros((), device=x.device)
         logs: dict[str, torch.Tensor] = {}
         if w.l1 > 0:
-            l1 = diff.abs().mean()
+            l1 = frame_mean(diff.abs())
             per_pixel = per_pixel + w.l1 * l1
             logs["l1"] = l1.detach()
         if w.l2 > 0:
-            l2 = (diff**2).mean()
+            l2 = frame_mean(diff**2)
             per_pixel = per_pixel + w.l2 * l2
             logs["l2"] = l2.detach()
         # The original sums over the pixels of a frame and then averages over frames: mean * (C*H*W).
         nll = per_pixel * (c * h * wd)
         if self.lpips is not None:
-            p = self.lpips(frames, rec_frames).float().mean()
+            p = frame_mean(self.lpips(frames, rec_frames).float())
             # Broadcast-added to every pixel in the original, hence also scaled by C*H*W.
             nll = nll + w.perceptual * p * (c * h * wd)
             logs["lpips"] = p.detach()
@@ -399,6 +413,16 @@ class VAELoss(nn.Module):
         logs["rec_loss"] = per_pixel.detach() + w.perceptual * logs.get("lpips", torch.zeros((), device=x.device))
         logs["nll_loss"] = nll.detach()
         return nll, logs
+
+    def frame_weights(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B*T,) weights of the frames of ``x`` (B, C, T, H, W), frame 0 of each clip ``first_frame`` times the
+        others, scaled to mean 1 so the loss keeps its size; None when all frames count the same."""
+        b, t = x.shape[0], x.shape[2]
+        if self.weights.first_frame == 1 or t == 1:
+            return None
+        weights = torch.ones(b, t, device=x.device)
+        weights[:, 0] = self.weights.first_frame
+        return (weights / weights.mean()).reshape(b * t)
 
     def generator_loss(
         self,

@@ -86,6 +86,8 @@ class VAETrainConfig:
     # loss
     l1_weight: float = 1.0
     l2_weight: float = 0.0
+    # not in the original: frame 0 of each clip counts this many times in the reconstruction terms (LossWeights)
+    first_frame_loss_weight: float = 1.0
     perceptual_weight: float = 1.0
     lpips_weights: str | None = None
     kl_weight: float = 1e-6
@@ -128,6 +130,10 @@ class VAETrainConfig:
             raise VAEConfigError(f"train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise VAEConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.first_frame_loss_weight <= 0:
+            raise VAEConfigError(
+                f"first_frame_loss_weight must be > 0 (1: every frame counts the same), got {self.first_frame_loss_weight}"
+            )
         if self.l1_weight <= 0 and self.l2_weight <= 0 and self.perceptual_weight <= 0:
             raise VAEConfigError("at least one of l1_weight, l2_weight, perceptual_weight must be > 0")
         if self.perceptual_weight > 0 and not self.lpips_weights:
@@ -209,6 +215,7 @@ def build_loss(cfg: VAETrainConfig) -> VAELoss:
         kl=cfg.kl_weight,
         disc=cfg.disc_weight,
         disc_start=cfg.disc_start,
+        first_frame=cfg.first_frame_loss_weight,
     )
     lpips = LPIPS.from_file(cfg.lpips_weights) if cfg.perceptual_weight > 0 else None
     discriminators = None
