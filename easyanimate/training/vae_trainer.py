@@ -132,7 +132,8 @@ class VAETrainConfig:
             raise VAEConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.first_frame_loss_weight <= 0:
             raise VAEConfigError(
-                f"first_frame_loss_weight must be > 0 (1: every frame counts the same), got {self.first_frame_loss_weight}"
+                "first_frame_loss_weight must be > 0 (1: every frame counts the same), "
+                f"got {self.first_frame_loss_weight}"
             )
         if self.l1_weight <= 0 and self.l2_weight <= 0 and self.perceptual_weight <= 0:
             raise VAEConfigError("at least one of l1_weight, l2_weight, perceptual_weight must be > 0")
