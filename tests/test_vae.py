@@ -220,6 +220,31 @@ def test_save_pretrained_round_trip(tmp_path):
     assert bf16.dtype == torch.bfloat16
 
 
+def test_released_config_only_keys_load_quietly_and_are_saved_again(tmp_path):
+    """block_out_channels, force_upcast and sample_size are in the released config.json but no argument of the
+    class: no "not expected ... Please verify your config.json" warning, and they survive a save."""
+    model = tiny_vae()
+    model.save_pretrained(tmp_path / "vae")
+    path = tmp_path / "vae" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(block_out_channels=[8, 16, 32, 32], force_upcast=True, sample_size=256)
+    path.write_text(json.dumps(config))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers.configuration_utils")
+    diffusers_logger.addHandler(handler)
+    try:
+        loaded = AutoencoderKLMagvit.from_pretrained(tmp_path, subfolder="vae")
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [r for r in records if "not expected" in r.getMessage()]
+    assert list(loaded.config.block_out_channels) == [8, 16, 32, 32] and loaded.config.sample_size == 256
+    loaded.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["block_out_channels"] == [8, 16, 32, 32] and saved["force_upcast"] is True
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Modes, frame rules and validation
 # ---------------------------------------------------------------------------------------------------------------

@@ -397,6 +397,18 @@ class AutoencoderKLMagvit(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Keys of the released vae/config.json that no argument takes (nor did the original class): block_out_channels
+    # (the original pipeline reads it for its x8 scale factor), force_upcast and sample_size (diffusers AutoencoderKL
+    # leftovers). They stay in the config and are saved again; naming them only spares users diffusers' warning
+    # "... are not expected and will be ignored. Please verify your config.json".
+    config_only_keys = ("block_out_channels", "force_upcast", "sample_size")
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        kept = {k: v for k, v in config_dict.items() if k in cls.config_only_keys}
+        rest = {k: v for k, v in config_dict.items() if k not in kept}
+        init_dict, unused_kwargs, hidden = super().extract_init_dict(rest, **kwargs)
+        return init_dict, unused_kwargs, {**hidden, **kept}
 
     @register_to_config
     def __init__(
