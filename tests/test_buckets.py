@@ -132,33 +132,6 @@ def test_collate_one_shape_per_batch():
     assert image["pixel_values"].shape == (1, 1, 3, 64, 64) and torch.allclose(image["pixel_values"], torch.ones(1))
 
 
-def test_collate_tiles_kept_frames_only_when_asked():
-    """tile_known_frames_prob 1: head/tail-kept samples are conditioned on copies of their first/last frame, the
-    rest as before; prob 0 (the default) leaves masks, CLIP frames and conditioning as the original's."""
-    clips = [torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8) for _ in range(12)]
-    samples = [_sample(c, i) for i, c in enumerate(clips)]
-    kwargs = dict(image_sample_size=64, video_sample_size=64, token_sample_size=64, video_sample_n_frames=16,
-                  enable_inpaint=True, video_mask_probs=(0.0, 0.2, 0.4, 0.4, 0.0))
-    plain = BucketCollate(DataConfig(**kwargs), seed=0)(samples)
-    tiled = BucketCollate(DataConfig(**kwargs, tile_known_frames_prob=1.0), seed=0)(samples)
-    assert torch.equal(plain["mask"], tiled["mask"]) and torch.equal(plain["pixel_values"], tiled["pixel_values"])
-    assert torch.equal(plain["clip_pixel_values"], tiled["clip_pixel_values"])
-    changed = 0
-    for pv, m, cond in zip(tiled["pixel_values"], tiled["mask"], tiled["mask_pixel_values"]):
-        kept = m.flatten(1).amax(1) < 0.5
-        head = int(torch.cumprod(kept.int(), 0).sum())
-        tail = int(torch.cumprod(kept.flip(0).int(), 0).sum())
-        expected = pv.clone()
-        expected[:head] = pv[:1]
-        if tail:
-            expected[-tail:] = pv[-1:]
-        assert torch.equal(cond, expected * (1 - m) - m)
-        changed += int(head > 1 or tail > 1)
-    assert changed >= 3
-    with pytest.raises(ValueError, match="tile_known_frames_prob"):
-        DataConfig(**kwargs, tile_known_frames_prob=1.5)
-
-
 def test_collate_token_length_mode():
     cfg = DataConfig(image_sample_size=64, video_sample_size=32, token_sample_size=32, video_sample_n_frames=16,
                      random_hw_adapt=True, training_with_video_token_length=True)

@@ -4,7 +4,7 @@ import torch
 
 from easyanimate.data.masks import (
     FULL, IMAGE_MASK_PROBS, KEEP_HEAD, KEEP_HEAD_AND_TAIL, RANDOM_BOX, SPATIOTEMPORAL_BOX, VIDEO_MASK_PROBS,
-    make_mask, random_mask, tile_known_frames,
+    make_mask, random_mask,
 )
 
 
@@ -73,25 +73,3 @@ def test_video_mask_probabilities_are_configurable_and_checked():
         check_mask_probs((0.5, 0.5, 0.5, 0.0, 0.0))
     with pytest.raises(ValueError, match="5 non-negative"):
         check_mask_probs((0.5, 0.5))
-
-
-def test_tile_known_frames_copies_the_start_and_end_frames_only_for_whole_frame_masks():
-    rng = np.random.default_rng(0)
-    pixels = torch.randn(16, 3, 8, 8)
-    head = torch.ones(16, 1, 8, 8)
-    head[:3] = 0
-    out = tile_known_frames(pixels, head)
-    assert torch.equal(out[:3], pixels[:1].expand(3, -1, -1, -1)) and torch.equal(out[3:], pixels[3:])
-    both = torch.ones(16, 1, 8, 8)
-    both[:2] = 0
-    both[-3:] = 0
-    out = tile_known_frames(pixels, both)
-    assert torch.equal(out[1], pixels[0]) and torch.equal(out[2:13], pixels[2:13])
-    assert torch.equal(out[13:], pixels[15:].expand(3, -1, -1, -1))
-    # one kept frame, text-to-video, boxes: nothing to tile
-    for mask in (make_mask(KEEP_HEAD, 16, 8, 8, np.random.default_rng(1)) * 0 + 1, make_mask(FULL, 16, 8, 8, rng),
-                 make_mask(RANDOM_BOX, 16, 8, 8, rng), make_mask(SPATIOTEMPORAL_BOX, 16, 8, 8, rng)):
-        assert torch.equal(tile_known_frames(pixels, mask.float()), pixels)
-    single = torch.ones(16, 1, 8, 8)
-    single[:1] = 0
-    assert torch.equal(tile_known_frames(pixels, single), pixels)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .dataset import DataConfig, SampleRef, probe_size
-from .masks import random_mask, tile_known_frames
+from .masks import random_mask
 from .seeding import BATCH, MASK, ROUND_BUDGET, keyed_rng
 
 logger = logging.getLogger(__name__)
@@ -310,19 +310,15 @@ class BucketCollate:
             "reads": len(samples),
         }
         if cfg.enable_inpaint:
-            masks, clip_frames, conditioning = [], [], []
+            masks, clip_frames = [], []
             for sample, pixels in zip(samples, pixel_values):
                 sample_rng = keyed_rng(self.seed, MASK, sample["epoch"], sample["position"])
                 masks.append(random_mask(frames, crop[0], crop[1], sample_rng, cfg.video_mask_probs))
                 clip_index = 0 if frames == 1 or sample_rng.random() < 0.5 else int(sample_rng.integers(1, frames))
                 clip_frames.append(((pixels[clip_index] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0))
-                # drawn only when enabled, so the original's masks and CLIP frames stay bit-identical otherwise
-                if cfg.tile_known_frames_prob > 0 and sample_rng.random() < cfg.tile_known_frames_prob:
-                    pixels = tile_known_frames(pixels, masks[-1])
-                conditioning.append(pixels)
             mask = torch.stack(masks).float()
             batch["mask"] = mask
-            batch["mask_pixel_values"] = torch.stack(conditioning) * (1 - mask) - mask
+            batch["mask_pixel_values"] = pixel_values * (1 - mask) - mask
             batch["clip_pixel_values"] = torch.stack(clip_frames)
         return batch
 

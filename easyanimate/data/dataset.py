@@ -59,8 +59,6 @@ class DataConfig:
     enable_inpaint: bool = False
     # probabilities of the five inpaint mask types for videos (masks.MASK_TYPE_NAMES order)
     video_mask_probs: tuple[float, ...] = VIDEO_MASK_PROBS
-    # probability that a head/tail mask's kept frames are copies of the first/last kept frame (masks.tile_known_frames)
-    tile_known_frames_prob: float = 0.0
     text_drop_ratio: float = 0.0
     max_retries: int = 10
     decode_timeout_s: float = 20.0
@@ -78,8 +76,6 @@ class DataConfig:
             raise ValueError("video_repeat must be >= 0")
         if not 0 <= self.text_drop_ratio <= 1:
             raise ValueError("text_drop_ratio must be in [0, 1]")
-        if not 0 <= self.tile_known_frames_prob <= 1:
-            raise ValueError(f"tile_known_frames_prob must be in [0, 1], got {self.tile_known_frames_prob}")
         self.video_mask_probs = check_mask_probs(self.video_mask_probs)
 
     @property

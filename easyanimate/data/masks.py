@@ -49,28 +49,6 @@ def make_mask(kind: int, num_frames: int, height: int, width: int, rng: np.rando
     return mask
 
 
-def tile_known_frames(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The conditioning image-to-video inference builds, made from a training clip (not in the original).
-
-    ``pixels`` is ``(F, C, H, W)``, ``mask`` ``(F, 1, H, W)`` with 1 = generate. If every frame is either wholly
-    kept or wholly generated (the keep-head and keep-head-and-tail masks), the leading kept frames become copies of
-    the first frame and the trailing kept frames copies of the last, as inference tiles one start (end) image over
-    them; any other mask returns ``pixels`` unchanged. The original trains on the real kept frames only, so a model
-    sees a still start at inference that it never saw in training."""
-    generated = mask.flatten(1).amin(1) > 0.5  # (F,): the whole frame is generated
-    kept = mask.flatten(1).amax(1) < 0.5  # the whole frame is kept
-    if not bool((generated | kept).all()) or bool(kept.all()) or not bool(kept.any()):
-        return pixels
-    out = pixels.clone()
-    head = int(torch.cumprod(kept.int(), 0).sum())
-    tail = int(torch.cumprod(kept.flip(0).int(), 0).sum())
-    if head > 1:
-        out[:head] = pixels[:1]
-    if tail > 1:
-        out[-tail:] = pixels[-1:]
-    return out
-
-
 def check_mask_probs(probs) -> tuple[float, ...]:
     """``probs`` as a tuple of five non-negative floats summing to 1, or a ValueError naming the problem."""
     probs = tuple(float(p) for p in probs)

@@ -64,9 +64,6 @@ class TrainConfig:
     video_mask_probs: list = _f(list(VIDEO_MASK_PROBS), "inpaint mode: probabilities of the video mask types random "
                                 "box, full (text-to-video), keep head, keep head and tail, spatio-temporal box",
                                 nargs=5, type=float)
-    tile_known_frames_prob: float = _f(0.0, "inpaint mode: probability that a keep-head(-and-tail) sample's kept "
-                                       "frames are copies of its first (last) frame, the still start image-to-video "
-                                       "inference gives; not in the original (0: its behaviour, the real frames)")
     dataloader_num_workers: int = _f(0, "dataloader worker processes")
     max_failure_fraction: float = _f(0.05, "stop training when more than this fraction of file reads fail")
     max_retries: int = _f(10, "replacements tried for one broken file before giving up")
@@ -181,7 +178,6 @@ class TrainConfig:
             keep_all_node_same_token_length=self.keep_all_node_same_token_length,
             enable_inpaint=self.train_mode == "inpaint",
             video_mask_probs=tuple(self.video_mask_probs),
-            tile_known_frames_prob=self.tile_known_frames_prob,
             text_drop_ratio=self.text_drop_ratio,
             max_retries=self.max_retries,
         )
