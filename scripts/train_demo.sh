@@ -79,7 +79,7 @@ if [ ! -f "${WORK}/vae_decoder/vae/config.json" ]; then
 fi
 # and the decoder once more with frame 0 counting x8 in the reconstruction terms (--first_frame_loss_weight): frames
 # 0-3 share one latent, and image-to-video is judged on frame 0, which phase 3's decoder reconstructs at only
-# ~22 dB in moving clips (-> ~27 dB); the encoder, and so the transformer's latents, still bit-identical
+# ~22 dB in moving clips (-> ~26 dB); the encoder, and so the transformer's latents, still bit-identical
 if [ ! -f "${WORK}/vae_first_frame/vae/config.json" ]; then
   step "train_vae.py phase 4: decoder only, first frame x8"
   "${PYTHON}" "${REPO}/train_vae.py" --config "${REPO}/configs/demo_vae.yaml" --train_mode decoder_only \
