@@ -98,9 +98,10 @@ export MAX_GRAD_NORM=1.0 ADAM_WEIGHT_DECAY=1e-2 ADAM_EPSILON=1e-8
 export CHECKPOINTING_STEPS=${CKPT} CHECKPOINTS_TOTAL_LIMIT=2 TRAIN_MODE=inpaint
 # empty captions 10 % of the time, so classifier-free guidance has a trained unconditional prediction; half of the
 # clips get the full mask (text-to-video; V4 uses 30 %) and 35 % keep their first frames (image-to-video), because
-# at this scale colour and shape are learnt from the text only on text-to-video samples
+# at this scale colour and shape are learnt from the text only on text-to-video samples (MASK_PROBS below, per stage,
+# in the order box, full, keep head, keep head and tail, spatio-temporal box)
 EXTRA=(--no-gradient_checkpointing --precompute_text_embeddings --vae_mini_batch 8 --report_to none
-       --text_drop_ratio 0.1 --video_mask_probs 0.05 0.5 0.35 0.05 0.05)
+       --text_drop_ratio 0.1)
 TOKENS=(48 64 80 80 80); VIDEO_SIZES=(48 64 64 64 64); IMAGE_SIZE=80
 # per stage: learning rate, schedule, extra flags. Stage 4 keeps stage 3's sizes and moves the timestep density to
 # low noise (logit-normal mean -1: median t = 269 instead of 500), where corners and curves are decided; fresh
@@ -109,15 +110,16 @@ TOKENS=(48 64 80 80 80); VIDEO_SIZES=(48 64 64 64 64); IMAGE_SIZE=80
 lr=${LEARNING_RATE:-5e-4}
 LRS=(${lr} ${lr} ${lr} ${STAGE4_LEARNING_RATE:-2e-4} ${STAGE5_LEARNING_RATE:-1e-4})
 SCHEDULES=(constant_with_warmup constant_with_warmup cosine cosine cosine)
-STAGE_EXTRA=("" "" "" "--timestep_logit_mean -1.0 --seed 4"
-             "--timestep_logit_mean -1.0 --seed 5 --video_mask_probs 0.05 0.35 0.5 0.05 0.05")
+STAGE_EXTRA=("" "" "" "--timestep_logit_mean -1.0 --seed 4" "--timestep_logit_mean -1.0 --seed 5")
+MASK_PROBS=("0.05 0.5 0.35 0.05 0.05" "0.05 0.5 0.35 0.05 0.05" "0.05 0.5 0.35 0.05 0.05" "0.05 0.5 0.35 0.05 0.05"
+            "0.05 0.35 0.5 0.05 0.05")
 previous=""
 for i in 0 1 2 3 4; do
   stage=$((i + 1))
   out="${WORK}/stage${stage}"
   step "train.py stage ${stage}: token size ${TOKENS[$i]}, ${STEPS[$i]} steps"
   # shellcheck disable=SC2206
-  stage_extra=(${STAGE_EXTRA[$i]})
+  stage_extra=(${STAGE_EXTRA[$i]} --video_mask_probs ${MASK_PROBS[$i]})
   OUTPUT_DIR="${out}" TOKEN_SAMPLE_SIZE=${TOKENS[$i]} VIDEO_SAMPLE_SIZE=${VIDEO_SIZES[$i]} \
   IMAGE_SAMPLE_SIZE=${IMAGE_SIZE} MAX_TRAIN_STEPS=${STEPS[$i]} LEARNING_RATE=${LRS[$i]} LR_SCHEDULER=${SCHEDULES[$i]} \
   LR_WARMUP_STEPS=${WARMUP} TRANSFORMER_PATH="${previous}" \
