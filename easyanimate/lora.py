@@ -1,9 +1,8 @@
 """LoRA: merge LoRA files into a pipeline's weights and take them out again, and train new ones.
 
-**File format** (the original's, kohya style; spec transformer_pipeline.md §4.9, training_data_ui.md §4). For each
-adapted layer ``NAME`` a file holds ``NAME.lora_down.weight`` (rank x in), ``NAME.lora_up.weight`` (out x rank) and
-optionally ``NAME.alpha`` (a scalar; absent means alpha = rank). ``NAME`` is a prefix plus the module path with dots
-turned into underscores:
+**File format** (the original's, kohya style). For each adapted layer ``NAME`` a file holds
+``NAME.lora_down.weight`` (rank x in), ``NAME.lora_up.weight`` (out x rank) and optionally ``NAME.alpha`` (a scalar;
+absent means alpha = rank). ``NAME`` is a prefix plus the module path with dots turned into underscores:
 
 * ``lora_unet_`` + ``_blocks_0_attn1_to_q`` for the transformer (its root module has an empty path, hence the
   double underscore);
@@ -75,6 +74,8 @@ class LoRALayer:
         return self.down.shape[0]
 
     def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The weight update ``alpha / rank * up @ down`` as an ``(out, in)`` matrix in ``dtype`` on ``device``
+        (strength not applied; 1x1 conv factors are flattened)."""
         down = self.down.to(device=device, dtype=dtype)
         up = self.up.to(device=device, dtype=dtype)
         return (self.alpha / self.rank) * (up.flatten(1) @ down.flatten(1))
@@ -194,6 +195,7 @@ def _token(path, strength: float) -> tuple:
 
 
 def _load_layers(path, state_dict) -> tuple[list[LoRALayer], str]:
+    """The layers of ``state_dict``, or else of the file at ``path``, and how to name their source in messages."""
     if state_dict is None:
         if path is None:
             raise ValueError("give a LoRA file path or a state_dict")
@@ -346,9 +348,10 @@ def _lora_targets(root: nn.Module, prefix: str, target_classes: tuple[str, ...] 
 class LoRANetwork(nn.Module):
     """Trainable LoRA adapters on every Linear (and 1x1 Conv2d) of the transformer, and optionally of the text
     encoders, as the original's training network: rank and alpha shared by all layers; non-1x1 convolutions and
-    layers whose forward never runs (see :func:`_reads_weights_directly`) skipped. Its ``state_dict()`` is already in the original's file
-    format (``lora_unet__blocks_0_attn1_to_q.lora_down.weight`` ...), so :meth:`save` writes a file that
-    :func:`merge_lora` applies.
+    layers whose forward never runs (see :func:`_reads_weights_directly`) skipped. Its ``state_dict()`` is already
+    in the original's file format (``lora_unet__blocks_0_attn1_to_q.lora_down.weight`` ...), so :meth:`save` writes
+    a file that :func:`merge_lora` applies. Raises ``ValueError`` for ``rank < 1``, for no adaptable layer, and when
+    two layers would get the same file name.
 
     Use: ``network = LoRANetwork(transformer, rank=128, alpha=64); network.apply_to()``; optimise
     ``network.parameters()`` (or :meth:`param_groups`); ``network.save(path)``; ``network.remove()`` detaches.

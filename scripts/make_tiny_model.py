@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from easyanimate.utils.tiny_model import build_tiny_model  # noqa: E402
+from easyanimate.demo.tiny_model import build_tiny_model  # noqa: E402
 
 
 def main() -> None:

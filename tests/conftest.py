@@ -41,8 +41,8 @@ def keys_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A complete tiny model folder in the released layout, built once per test session
-    (``easyanimate.utils.tiny_model.build_tiny_model``; seed 0)."""
-    from easyanimate.utils.tiny_model import build_tiny_model
+    (``easyanimate.demo.tiny_model.build_tiny_model``; seed 0)."""
+    from easyanimate.demo.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_model") / "EasyAnimateV4-tiny"
     build_tiny_model(out, seed=0)

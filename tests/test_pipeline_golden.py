@@ -1,6 +1,6 @@
 """Parity of the whole pipeline with the original: the ten golden pipeline cases in
 ../shared/reference/golden/pipeline (t2v with every sampler, Chinese prompt, t2i, i2v start and start+end, v2v),
-called exactly as that folder's README says, from ``from_pretrained`` on the tiny model folder stored there.
+called with the arguments each case file records, from ``from_pretrained`` on the tiny model folder stored there.
 
 Intermediates are checked in pipeline order (token ids exactly, text embeddings, CLIP features, per-step timesteps
 and latents) so a failure names the first stage that diverges.
@@ -22,7 +22,7 @@ CASES = [
     "t2v_euler", "t2v_euler_a", "t2v_dpmpp", "t2v_pndm", "t2v_ddim",
     "t2v_zh_euler", "t2i_ddim", "i2v_start_euler", "i2v_start_end_euler", "v2v_euler",
 ]
-VIDEO_ATOL = 2e-3  # the README's pass threshold; we measure ~5e-6
+VIDEO_ATOL = 2e-3  # the pass threshold the golden vectors were published with; we measure ~5e-6
 EMBED_ATOL = 1e-5
 LATENT_RTOL = 1e-4  # relative to the latents' magnitude (up to ~30 for Euler)
 

@@ -52,7 +52,7 @@ def test_golden_rope_tables_reproduced(golden_dir, variant, case):
     ],
 )
 def test_crop_regions_of_the_spec(size, region):
-    """Values from the spec's table (§2.3), computed by the original with banker's rounding."""
+    """Crop regions the original computes (with banker's rounding) for the V4 sizes."""
     assert resize_crop_region_for_grid((size[0] // 16, size[1] // 16), 32) == region
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from easyanimate.utils.tiny_model import build_tiny_model
+from easyanimate.demo.tiny_model import build_tiny_model
 from easyanimate.utils.weights import load_model_from_folder, read_folder_weights
 
 EXPECTED_FILES = {

@@ -270,7 +270,7 @@ def test_bad_configs_are_refused(config, match):
 
 def test_frame_rules_follow_the_spec():
     model = AutoencoderKLMagvit(**TINY)
-    # spec/vae.md §4.2, measured on the original
+    # frame counts measured on the original
     encoded = {1: 1, 2: 1, 3: 2, 4: 1, 5: 2, 8: 2, 9: 3, 12: 3, 16: 4, 17: 5, 24: 6, 25: 7, 144: 36}
     assert {f: model.num_latent_frames(f) for f in encoded} == encoded
     decoded = {1: 1, 2: 8, 3: 12, 4: 16, 5: 20, 6: 24}

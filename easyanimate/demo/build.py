@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..utils.atomic import building_directory
-from ..utils.tiny_model import TRANSFORMER_CONFIG, VAE_CONFIG, build_tiny_model
 from ..utils.weights import read_folder_weights
+from .tiny_model import TRANSFORMER_CONFIG, VAE_CONFIG, build_tiny_model
 
 # The InP transformer of the demo: 64 tokens for a 16-frame 64x64 clip (4 latent frames of 4x4 patches).
 DEMO_TRANSFORMER_CONFIG = {

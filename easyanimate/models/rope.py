@@ -5,7 +5,7 @@ the patch grid is fitted into the canvas keeping its aspect ratio and centred, a
 fractional coordinates on that canvas. The same per-frame table is used for every frame of a video (time
 is encoded additively inside the transformer blocks).
 
-This is our own implementation of the original formula (spec ``transformer_pipeline.md`` §2.3). It is not
+This re-implements the original's formula (numpy ``linspace(endpoint=False)`` positions in float32). It is not
 diffusers' ``get_2d_rotary_pos_embed``: since diffusers 0.41 that function computes different positions
 whenever the crop region does not start at 0 (every non-square size), which would change every output of the
 released model.

@@ -9,8 +9,8 @@ A HunyuanDiT transformer run over all frames of a video at once (full 3D attenti
 * U-ViT long skips connect the first and the second half of the blocks;
 * the conditioning vector mixes timestep, pooled mT5 text, image size and style (HunyuanDiT v1.0 style).
 
-Module names are the released checkpoint's key names (also what LoRA files address). Numerics follow
-``transformer_pipeline.md`` §2 and §6; the references below (``§...``) point there.
+Module names are the released checkpoint's key names (also what LoRA files address). The numerics are the
+original's, including quirks the released weights were trained with (each is noted where it is kept).
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ NORM_EPS = 1e-6
 
 
 class FrameIndexEncoding(nn.Module):
-    """Adds a fixed sinusoid of the latent-frame index to every token of that frame (§2.4 step 1).
+    """Adds a fixed sinusoid of the latent-frame index to every token of that frame: the tokens' only signal of
+    their frame (RoPE is the same for every frame).
 
     ``pe[p, 2i] = sin(p * 10000^(-2i/dim))``, ``pe[p, 2i+1] = cos(...)`` (interleaved). It is a persistent
     buffer, so it is part of the checkpoint (``blocks.N.t_embed.pe``) and follows the model dtype.
+    ``forward`` takes tokens ``(B, F*S, dim)`` ordered frame-major and returns them with frame ``f``'s row added.
     """
 
     def __init__(self, dim: int, max_frames: int = MAX_LATENT_FRAMES):
@@ -82,10 +84,12 @@ class ClipGate(nn.Module):
 
 
 class Resampler(nn.Module):
-    """Qwen-VL style resampler: 16 learned queries attend to the CLIP patch tokens (``clip_projection``, §2.2.5).
+    """Qwen-VL style resampler (``clip_projection``): ``num_queries`` learned queries attend to the CLIP patch
+    tokens ``(B, T, kv_dim)``, giving ``(B, num_queries, embed_dim)``.
 
-    Keys get a 2D sin-cos table bicubically resized from the stored 4x4 grid to the token grid; queries get the
-    stored table as is. Uses ``nn.MultiheadAttention`` because the checkpoint stores its packed ``in_proj``.
+    Keys get a 2D sin-cos table bicubically resized from the stored query grid (4x4) to the token grid; queries get
+    the stored table as is. No key padding mask. Uses ``nn.MultiheadAttention`` because the checkpoint stores its
+    packed ``in_proj`` (q, k, v).
     """
 
     def __init__(self, num_queries: int, embed_dim: int, num_heads: int, kv_dim: int):
@@ -104,6 +108,7 @@ class Resampler(nn.Module):
         self.ln_kv = nn.LayerNorm(embed_dim)
 
     def key_pos_embed(self, num_tokens: int) -> torch.Tensor:
+        """The ``(num_tokens, embed_dim)`` key table for a square token grid, resized in float32 as the original."""
         size = math.isqrt(num_tokens)
         if size == self.grid_size:
             return self.pos_embed
@@ -132,7 +137,8 @@ def _sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
 
 
 def _attention(dim: int, heads: int, cross_attention_dim: int | None) -> Attention:
-    """Attention with per-head LayerNorm on q and k, biases, RoPE via the Hunyuan SDPA processor (§2.4)."""
+    """Attention with biases and a LayerNorm (eps 1e-6, one weight shared by the heads) on each head's q and k;
+    the Hunyuan SDPA processor applies RoPE to q always and to k only in self-attention."""
     return Attention(
         query_dim=dim,
         cross_attention_dim=cross_attention_dim,
@@ -228,12 +234,53 @@ class ChannelAdaptation:
         return "\n".join(lines) or "nothing adapted: the checkpoint fits the model"
 
 
+def _check_config(basic_block_type: str, time_position_encoding: bool, after_norm: bool, norm_type: str,
+                  num_attention_heads: int, attention_head_dim: int, hidden_size: int, num_layers: int) -> None:
+    """Raise ``ValueError`` for a config this class cannot build: anything but the V4 block variant, or sizes
+    that do not fit together."""
+    if basic_block_type != "basic":
+        raise ValueError(
+            f"basic_block_type={basic_block_type!r} is not supported: EasyAnimate V4 uses 'basic' blocks "
+            "(full 3D attention). The V3 motion-module and hybrid (Mamba) variants are not implemented; "
+            "remove basic_block_type from the config or set it to 'basic'."
+        )
+    if not time_position_encoding or after_norm:
+        raise ValueError(
+            f"time_position_encoding={time_position_encoding}, after_norm={after_norm} are not V4 values; "
+            "the V4 model uses time_position_encoding=True and after_norm=False."
+        )
+    if norm_type != "layer_norm":
+        raise ValueError(f"norm_type={norm_type!r} is not supported; V4 uses 'layer_norm'")
+    if num_attention_heads * attention_head_dim != hidden_size:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must equal num_attention_heads x attention_head_dim "
+            f"({num_attention_heads} x {attention_head_dim})"
+        )
+    if num_layers % 2:
+        raise ValueError(
+            f"num_layers must be even (long skips pair block L with block num_layers-1-L); got {num_layers}"
+        )
+
+
+def config_is_inpaint(config) -> bool:
+    """Whether a transformer config (a dict or a model's ``config``) describes the image-to-video (InP) model: its
+    output is not twice its input channels (``2 * in_channels != out_channels``, ``out_channels`` None meaning
+    ``in_channels`` times 2 with learned sigma, else times 1)."""
+    get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key, default)
+    in_channels = get("in_channels", 12)
+    out_channels = get("out_channels", 8)
+    if out_channels is None:
+        out_channels = in_channels * (2 if get("learn_sigma", True) else 1)
+    return in_channels * 2 != out_channels
+
+
 class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
     """EasyAnimate V4 diffusion transformer (``EasyAnimateV4-XL-2-InP/transformer``).
 
-    Arguments are the released ``config.json`` keys; the defaults are the released InP model (§1.1), including
-    the V4 inference keys the original applied from its YAML (``basic_block_type="basic"``,
-    ``time_position_encoding=True``, ``after_norm=False``). Variants:
+    Arguments are the released ``config.json`` keys; the defaults are the released InP model's values. That
+    includes the V4 inference keys ``basic_block_type="basic"``, ``time_position_encoding=True`` and
+    ``after_norm=False``, which the original applied from its V4 YAML over config.json, so a config.json without
+    them builds the V4 model. Variants:
 
     * image-to-video "InP" (``in_channels=12, out_channels=8``): noisy latents + 8 inpaint channels, and a CLIP
       image branch (Resampler, ``clip_padding``, CLIP cross-attention in every block);
@@ -279,27 +326,8 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
         motion_module_kwargs_even: dict | None = None,
     ):
         super().__init__()
-        if basic_block_type != "basic":
-            raise ValueError(
-                f"basic_block_type={basic_block_type!r} is not supported: EasyAnimate V4 uses 'basic' blocks "
-                "(full 3D attention). The V3 motion-module and hybrid (Mamba) variants are not implemented; "
-                "remove basic_block_type from the config or set it to 'basic'."
-            )
-        if not time_position_encoding or after_norm:
-            raise ValueError(
-                f"time_position_encoding={time_position_encoding}, after_norm={after_norm} are not V4 values; "
-                "the V4 model uses time_position_encoding=True and after_norm=False."
-            )
-        if norm_type != "layer_norm":
-            raise ValueError(f"norm_type={norm_type!r} is not supported; V4 uses 'layer_norm'")
-        if num_attention_heads * attention_head_dim != hidden_size:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must equal num_attention_heads x attention_head_dim "
-                f"({num_attention_heads} x {attention_head_dim})"
-            )
-        if num_layers % 2:
-            raise ValueError(f"num_layers must be even (long skips pair block L with block num_layers-1-L); got {num_layers}")
-
+        _check_config(basic_block_type, time_position_encoding, after_norm, norm_type, num_attention_heads,
+                      attention_head_dim, hidden_size, num_layers)
         self.out_channels = out_channels if out_channels is not None else in_channels * (2 if learn_sigma else 1)
         self.gradient_checkpointing = False
         dim = hidden_size
@@ -325,7 +353,8 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
             pooled_projection_dim=pooled_projection_dim,
             seq_len=text_len_t5,
             cross_attention_dim=cross_attention_dim_t5,
-            use_style_cond_and_image_meta_size=True,  # V4 = HunyuanDiT v1.0 conditioning (§2.2.3)
+            # HunyuanDiT v1.0 conditioning, as V4: image meta size and style always enter temb.
+            use_style_cond_and_image_meta_size=True,
         )
         if self.is_inpaint:
             self.clip_projection = Resampler(n_query, cross_attention_dim, num_attention_heads, projection_dim)
@@ -350,7 +379,7 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
     @property
     def is_inpaint(self) -> bool:
         """True for the image-to-video model (CLIP branch, inpaint latents): ``2 * in_channels != out_channels``."""
-        return self.config.in_channels * 2 != self.out_channels
+        return config_is_inpaint(self.config)
 
     @property
     def latent_channels(self) -> int:
@@ -392,75 +421,111 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
             clip_encoder_hidden_states: InP model: ``(B, T, projection_dim)`` CLIP patch tokens (CLS dropped),
                 T a square number.
             clip_attention_mask: InP model: ``(B, n_query)``; 0 replaces a Resampler token by ``clip_padding``.
+
+        Returns ``Transformer2DModelOutput(sample=...)``, or ``(sample,)`` when ``return_dict`` is false. Raises
+        ``ValueError`` naming the fix when a shape does not fit the config.
         """
-        cfg = self.config
         self._check_inputs(
             hidden_states, encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
             text_embedding_mask_t5, image_meta_size, inpaint_latents, clip_encoder_hidden_states, clip_attention_mask,
         )
         batch, _, frames, height, width = hidden_states.shape
-        grid_h, grid_w = height // cfg.patch_size, width // cfg.patch_size
+        grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
         dtype = self.pos_embed.proj.weight.dtype
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1)
         if timestep.numel() not in (1, batch):
             raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}); got {timestep.numel()}")
 
-        hidden_states = hidden_states.to(dtype)
-        if inpaint_latents is not None:
-            hidden_states = torch.cat([hidden_states, inpaint_latents.to(dtype)], dim=1)
-        # Patchify each frame: (B, C, F, H, W) -> (B*F, S, D) -> (B, F*S, D), tokens ordered (f, row, col).
-        frames_first = hidden_states.transpose(1, 2).reshape(batch * frames, -1, height, width)
-        hidden_states = self.pos_embed(frames_first).reshape(batch, frames * grid_h * grid_w, -1)
-
+        tokens = self._patchify(hidden_states, inpaint_latents, dtype)
         # The V4 pipeline hands the timestep over in the model dtype (bf16 rounds 961 -> 960): do the same here.
         timestep = timestep.to(dtype).expand(batch)
         encoder_hidden_states_t5 = encoder_hidden_states_t5.to(dtype)
         temb = self.time_extra_emb(
             timestep, encoder_hidden_states_t5, image_meta_size.to(dtype).contiguous(), style, hidden_dtype=dtype
         )
-
-        text_tokens = torch.cat([encoder_hidden_states.to(dtype), self.text_embedder(encoder_hidden_states_t5)], dim=1)
-        text_mask = torch.cat([text_embedding_mask, text_embedding_mask_t5], dim=-1).bool()
-        text_tokens = torch.where(text_mask[..., None], text_tokens, self.text_embedding_padding.to(text_tokens))
-
+        text_tokens = self._text_tokens(
+            encoder_hidden_states.to(dtype), text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5
+        )
         image_tokens = None
         if self.is_inpaint:
-            image_tokens = self.clip_projection(clip_encoder_hidden_states.to(dtype))
-            image_mask = clip_attention_mask.bool()[..., None]
-            image_tokens = torch.where(image_mask, image_tokens, self.clip_padding.to(image_tokens))
+            image_tokens = self._image_tokens(clip_encoder_hidden_states.to(dtype), clip_attention_mask)
+        rotary_emb = self._rotary_emb_for_frames(image_rotary_emb, grid_h, grid_w, frames, tokens.device)
 
+        tokens = self._run_blocks(tokens, temb, text_tokens, image_tokens, rotary_emb, frames)
+        tokens = self.proj_out(self.norm_out(tokens, temb.to(torch.float32)))
+        output = self._unpatchify(tokens, batch, frames, grid_h, grid_w)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _patchify(
+        self, latents: torch.Tensor, inpaint_latents: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``(B, C, F, H, W)`` latents (with the inpaint latents appended as channels) -> ``(B, F*S, hidden)``
+        tokens ordered ``(f, row, col)``; each frame is patchified on its own."""
+        batch, _, frames, height, width = latents.shape
+        latents = latents.to(dtype)
+        if inpaint_latents is not None:
+            latents = torch.cat([latents, inpaint_latents.to(dtype)], dim=1)
+        frames_first = latents.transpose(1, 2).reshape(batch * frames, -1, height, width)
+        patches = self.pos_embed(frames_first)  # (B*F, S, hidden)
+        return patches.reshape(batch, -1, patches.shape[-1])
+
+    def _text_tokens(self, bert_states: torch.Tensor, bert_mask: torch.Tensor, t5_states: torch.Tensor,
+                     t5_mask: torch.Tensor) -> torch.Tensor:
+        """BERT tokens then projected mT5 tokens, ``(B, text_len + text_len_t5, cross_attention_dim)``. Padded
+        positions are replaced by the position's learned ``text_embedding_padding`` row instead of being masked."""
+        text_tokens = torch.cat([bert_states, self.text_embedder(t5_states)], dim=1)
+        text_mask = torch.cat([bert_mask, t5_mask], dim=-1).bool()
+        return torch.where(text_mask[..., None], text_tokens, self.text_embedding_padding.to(text_tokens))
+
+    def _image_tokens(self, clip_states: torch.Tensor, clip_mask: torch.Tensor) -> torch.Tensor:
+        """The Resampler's ``(B, n_query, cross_attention_dim)`` tokens; where ``clip_mask`` is 0 the learned
+        ``clip_padding`` row takes the token's place (with no reference image all of them do)."""
+        image_tokens = self.clip_projection(clip_states)
+        return torch.where(clip_mask.bool()[..., None], image_tokens, self.clip_padding.to(image_tokens))
+
+    def _rotary_emb_for_frames(self, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None, grid_h: int,
+                               grid_w: int, frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-frame RoPE table (given, or computed for this grid) checked and tiled over ``frames``, float32:
+        every frame gets the same spatial table."""
+        head_dim = self.config.attention_head_dim
         if image_rotary_emb is None:
-            image_rotary_emb = rope_for_latent_grid(grid_h, grid_w, cfg.attention_head_dim)
-        cos, sin = (t.to(hidden_states.device, torch.float32) for t in image_rotary_emb)
-        if cos.shape != (grid_h * grid_w, cfg.attention_head_dim) or sin.shape != cos.shape:
+            image_rotary_emb = rope_for_latent_grid(grid_h, grid_w, head_dim)
+        cos, sin = (t.to(device, torch.float32) for t in image_rotary_emb)
+        if cos.shape != (grid_h * grid_w, head_dim) or sin.shape != cos.shape:
             raise ValueError(
                 f"image_rotary_emb must be a per-frame (cos, sin) pair of shape ({grid_h * grid_w}, "
-                f"{cfg.attention_head_dim}) for a {grid_h}x{grid_w} patch grid; got {tuple(cos.shape)}, "
+                f"{head_dim}) for a {grid_h}x{grid_w} patch grid; got {tuple(cos.shape)}, "
                 f"{tuple(sin.shape)}. Compute it with easyanimate.models.rope.rope_for_size(height_px, width_px, "
-                f"{cfg.attention_head_dim})."
+                f"{head_dim})."
             )
-        rotary_emb = (cos.repeat(frames, 1), sin.repeat(frames, 1))  # same spatial table for every frame
+        return cos.repeat(frames, 1), sin.repeat(frames, 1)
 
+    def _run_blocks(self, tokens: torch.Tensor, temb: torch.Tensor, text_tokens: torch.Tensor,
+                    image_tokens: torch.Tensor | None, rotary_emb: tuple[torch.Tensor, torch.Tensor],
+                    frames: int) -> torch.Tensor:
+        """All blocks with the U-ViT long skips: blocks ``0 .. L/2-2`` push their output, blocks ``L/2+1 .. L-1``
+        pop one each (last in, first out), so block ``L-1-i`` receives block ``i``'s output."""
         skips = []
         num_layers = len(self.blocks)
         for layer, block in enumerate(self.blocks):
             skip = skips.pop() if layer > num_layers // 2 else None
-            args = (hidden_states, temb, text_tokens, image_tokens, rotary_emb, frames, skip)
+            args = (tokens, temb, text_tokens, image_tokens, rotary_emb, frames, skip)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block, *args)
+                tokens = self._gradient_checkpointing_func(block, *args)
             else:
-                hidden_states = block(*args)
+                tokens = block(*args)
             if layer < num_layers // 2 - 1:
-                skips.append(hidden_states)
+                skips.append(tokens)
+        return tokens
 
-        hidden_states = self.proj_out(self.norm_out(hidden_states, temb.to(torch.float32)))
-        # Unpatchify: token vector ordered (p_row, p_col, c) -> (B, C, F, H, W).
-        p = cfg.patch_size
-        hidden_states = hidden_states.reshape(batch, frames, grid_h, grid_w, p, p, self.out_channels)
-        output = hidden_states.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, self.out_channels, frames, height, width)
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+    def _unpatchify(self, tokens: torch.Tensor, batch: int, frames: int, grid_h: int, grid_w: int) -> torch.Tensor:
+        """``(B, F*S, p*p*out_channels)`` with each token's vector ordered ``(p_row, p_col, channel)`` ->
+        ``(B, out_channels, F, grid_h*p, grid_w*p)``."""
+        p = self.config.patch_size
+        tokens = tokens.reshape(batch, frames, grid_h, grid_w, p, p, self.out_channels)
+        return tokens.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, self.out_channels, frames, grid_h * p, grid_w * p)
 
     def _check_inputs(
         self, hidden_states, encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
@@ -554,7 +619,8 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
         :class:`CheckpointError` listing them.
 
         ``adapt_channels=True`` loads a checkpoint made for other input/output channel counts, e.g. a 4-channel
-        HunyuanDiT or text-to-video checkpoint into the 12-channel InP model, to start training (§3):
+        HunyuanDiT or text-to-video checkpoint into the 12-channel InP model, to start training (the original's
+        ``from_pretrained_2d`` does this):
 
         * extra *input* channels of ``pos_embed.proj`` are zero-filled (the new inputs start with no effect);
           fewer input channels keep the first ones;

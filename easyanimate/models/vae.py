@@ -2,7 +2,7 @@
 
 Tensors are ``(B, C, T, H, W)``; pixels are in [-1, 1]. Space is compressed 8x (three stride-2 convs) and time
 4x (two stride-2 convs in the encoder, two x2 interpolations in the decoder). The released checkpoint runs in the
-``cache_compression_vae`` mode (see ``spec/vae.md``):
+``cache_compression_vae`` mode:
 
 * Encoder: frame 0 alone when F is odd, then independent chunks of ``mini_batch_encoder`` (8) frames. Every
   temporal conv pads one zero frame on each side, so a chunk sees nothing outside itself (and is not causal within).
@@ -391,9 +391,12 @@ def _stitch_tiles(rows: list[list[torch.Tensor]], extent: int, keep: int) -> tor
 class AutoencoderKLMagvit(ModelMixin, ConfigMixin):
     """The EasyAnimate V4 video VAE (``vae/`` of the released checkpoint).
 
-    The constructor takes the keys of the released ``vae/config.json``; defaults are the reconstructed released
-    values (spec/vae.md §1). ``num_attention_heads`` is recorded for config compatibility only (no block of this
-    model uses it); ``use_gc_blocks`` must stay off (no GC blocks exist in V4).
+    The constructor takes the keys of the released ``vae/config.json``; the defaults are the released V4 values as
+    far as they are known (the file itself is unpublished: they are reconstructed from the V4 YAML and the V2/V3
+    VAE configs; ``spatial_group_norm`` and ``use_tiling`` are unknown and default to off).
+    ``num_attention_heads`` is recorded for config compatibility only (no block of this model uses it);
+    ``use_gc_blocks`` must stay off (no GC blocks exist in V4). Raises ``ValueError`` for modes and block layouts
+    that V4 does not have.
     """
 
     _supports_gradient_checkpointing = True
@@ -498,14 +501,16 @@ class AutoencoderKLMagvit(ModelMixin, ConfigMixin):
         self.tile_latent_min_size = int(tile_sample_min_size / 2 ** (n - 1))
         self.tile_overlap_factor = tile_overlap_factor
 
-    # -- properties and frame bookkeeping (spec §4.2) -------------------------------------------------------------
+    # -- properties and frame bookkeeping ------------------------------------------------------------------------
 
     @property
     def spatial_compression_ratio(self) -> int:
+        """Pixels per latent along height and width (8 for V4): one x2 downsampler per block but the last."""
         return 2 ** (len(self.config.ch_mult) - 1)
 
     @property
     def temporal_compression_ratio(self) -> int:
+        """Pixel frames per latent frame within a chunk (4 for V4): x2 per temporal downsampler."""
         temporal_downsamplers = sum(DOWN_BLOCK_TEMPORAL[k] for k in self.config.down_block_types[:-1])
         return 2**temporal_downsamplers
 
@@ -610,6 +615,7 @@ class AutoencoderKLMagvit(ModelMixin, ConfigMixin):
         return torch.cat(moments, dim=2)
 
     def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Moments of overlapping ``tile_sample_min_size`` pixel tiles, cross-faded over the overlap."""
         size, latent_size = self.tile_sample_min_size, self.tile_latent_min_size
         stride = int(size * (1 - self.tile_overlap_factor))
         extent = int(latent_size * self.tile_overlap_factor)
@@ -687,6 +693,7 @@ class AutoencoderKLMagvit(ModelMixin, ConfigMixin):
             yield self.decoder.head(h[:, :, start - lo:start - lo + min(chunk, f - start)])
 
     def _tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixels of overlapping ``tile_latent_min_size`` latent tiles, cross-faded over the overlap."""
         size, latent_size = self.tile_sample_min_size, self.tile_latent_min_size
         stride = int(latent_size * (1 - self.tile_overlap_factor))
         extent = int(size * self.tile_overlap_factor)

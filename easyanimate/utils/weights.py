@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
-
-import pickle
 
 import torch
 from accelerate import init_empty_weights
@@ -83,6 +82,7 @@ def find_weights(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_folder_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All weights of a model folder (every shard merged) on the CPU; raises :class:`CheckpointError`."""
     state: dict[str, torch.Tensor] = {}
     for file in find_weights(folder):
         state.update(read_weights_file(file))

@@ -2,10 +2,10 @@
 
 The folder has the released ``EasyAnimateV4-XL-2-InP`` layout and file formats (transformer/, vae/, text_encoder/ +
 tokenizer/, text_encoder_2/ in two shards + tokenizer_2/, image_encoder/ with a full CLIP checkpoint, scheduler/,
-model_index.json), so everything that loads the released folder loads this one. The sizes follow the golden tiny
-pipeline model (``shared/reference/golden/pipeline/model``). Both tokenizers are built here from the bilingual
-corpus shipped in ``easyanimate/assets/tiny_corpus.txt``: a WordPiece ``vocab.txt`` for BERT and a sentencepiece
-unigram model for T5, trained at build time.
+model_index.json), so everything that loads the released folder loads this one. The sizes are those of the tiny
+model folder the golden pipeline vectors were made with (see tests/test_pipeline_golden.py). Both tokenizers are
+built here from the bilingual corpus shipped in ``easyanimate/assets/tiny_corpus.txt``: a WordPiece ``vocab.txt``
+for BERT and a sentencepiece unigram model for T5, trained at build time.
 
 The same seed gives byte-identical files. Building takes a few seconds on a CPU.
 """
@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..demo.shapes import CHINESE_WORDS
-from .atomic import building_directory
+from ..utils.atomic import building_directory
+from .shapes import CHINESE_WORDS
 
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_corpus.txt"
 
-# The released model_index.json (HunyuanDiT-Diffusers'); it names classes this project does not use (spec §1.3).
+# The released model_index.json, HunyuanDiT-Diffusers' file: it names classes the released folder is not loaded with
+# (HunyuanDiT2DModel, AutoencoderKL); the loaders choose the V4 classes themselves.
 MODEL_INDEX = {
     "_class_name": "HunyuanDiTPipeline",
     "_diffusers_version": "0.28.0.dev0",
@@ -42,7 +43,7 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
-# The released V4 scheduler config (DDPM, v-prediction; spec §1.2).
+# The released V4 scheduler config: DDPM with v-prediction (it matches the V4 training YAML's noise scheduler).
 SCHEDULER_CONFIG = {
     "_class_name": "DDPMScheduler",
     "_diffusers_version": "0.28.0.dev0",
@@ -259,6 +260,7 @@ def _special_token_entry(content: str) -> dict:
 
 
 def write_bert_tokenizer(folder: Path, vocab: list[str]) -> None:
+    """Create ``folder`` with a lower-casing ``BertTokenizer`` (Chinese characters split, 77 tokens) for ``vocab``."""
     folder.mkdir(parents=True)
     (folder / "vocab.txt").write_text("".join(token + "\n" for token in vocab), encoding="utf-8")
     _write_json(folder / "special_tokens_map.json", {
@@ -285,6 +287,7 @@ def write_bert_tokenizer(folder: Path, vocab: list[str]) -> None:
 
 
 def write_t5_tokenizer(folder: Path, spiece_model: bytes) -> None:
+    """Create ``folder`` with a ``T5Tokenizer`` (legacy mode, no extra ids, 256 tokens) for a sentencepiece model."""
     folder.mkdir(parents=True)
     (folder / "spiece.model").write_bytes(spiece_model)
     _write_json(folder / "special_tokens_map.json", {
@@ -345,6 +348,7 @@ def randomize_weights_(model: torch.nn.Module, generator: torch.Generator) -> di
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
             counts[rule] += 1
+    return counts
 
 
 def _generator(seed: int, component: str) -> torch.Generator:
@@ -372,7 +376,8 @@ def _write_transformers_config(config, folder: Path) -> None:
 
 
 def write_transformer(folder: Path, seed: int) -> None:
-    from easyanimate.models.transformer import HunyuanTransformer3DModel
+    """Create ``folder`` with ``TRANSFORMER_CONFIG`` and random weights (``diffusion_pytorch_model.safetensors``)."""
+    from ..models.transformer import HunyuanTransformer3DModel
 
     model = HunyuanTransformer3DModel.from_config(TRANSFORMER_CONFIG)
     randomize_weights_(model, _generator(seed, "transformer"))
@@ -383,7 +388,8 @@ def write_transformer(folder: Path, seed: int) -> None:
 
 
 def write_vae(folder: Path, seed: int) -> None:
-    from easyanimate.models.vae import AutoencoderKLMagvit
+    """Create ``folder`` with ``VAE_CONFIG`` and random weights (``diffusion_pytorch_model.safetensors``)."""
+    from ..models.vae import AutoencoderKLMagvit
 
     model = AutoencoderKLMagvit.from_config(VAE_CONFIG)
     randomize_weights_(model, _generator(seed, "vae"))
@@ -394,6 +400,7 @@ def write_vae(folder: Path, seed: int) -> None:
 
 
 def write_bert(folder: Path, seed: int, vocab_size: int) -> None:
+    """Create ``folder`` with a random ``BertModel`` (config.json + ``model.safetensors``)."""
     from transformers import BertConfig, BertModel
 
     config = BertConfig(vocab_size=vocab_size, **BERT_CONFIG)
