@@ -1,4 +1,4 @@
-"""Bucket tables and token-length arithmetic against the spec (training §2), the bucket batch sampler."""
+"""Bucket tables and token-length arithmetic against the original's values, the bucket batch sampler."""
 
 import pytest
 import torch
@@ -45,7 +45,7 @@ def test_token_budget_table(token_size, budget, tokens):
     assert latent_tokens(144, token_size, token_size) == tokens
 
 
-def test_frames_per_size_example_of_the_spec():
+def test_frames_per_size_worked_example():
     budget = pixel_budget(144, 256)
     sizes = candidate_sizes(256, 1024)
     assert sizes == [256, 384, 512, 640, 768, 896, 1024]

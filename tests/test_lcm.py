@@ -1,4 +1,4 @@
-"""LCM-LoRA distillation (spec training §4.4): solver, boundary scalings and loss against diffusers and an exact
+"""LCM-LoRA distillation: solver, boundary scalings and loss against diffusers and an exact
 denoiser; a short distillation run through train.py; the LCM sampler."""
 
 import json

@@ -116,7 +116,7 @@ def test_came_optimizer_has_the_original_settings():
                       adam_weight_decay=3e-2)
     optimizer = make_optimizer([{"params": [layer.weight], "lr": 1e-2}, {"params": [layer.bias], "lr": 5e-3}], cfg)
     assert isinstance(optimizer, CAME) and [g["lr"] for g in optimizer.param_groups] == [1e-2, 5e-3]
-    for group in optimizer.param_groups:  # spec training §3.8: its own betas and eps, no weight decay
+    for group in optimizer.param_groups:  # the original's CAME settings: its own betas and eps, no weight decay
         assert group["betas"] == (0.9, 0.999, 0.9999) and group["eps"] == (1e-30, 1e-16)
         assert group["weight_decay"] == 0.0
     x = torch.randn(64, 8)
@@ -420,7 +420,7 @@ def test_lcm_lora_script_defaults(tmp_path):
                    timeout=60)
     args = (tmp_path / "args").read_text().split("\n")
     cfg = parse_args([a for a in args[args.index("train.py") + 1 :] if a != ""])
-    assert cfg.lora and cfg.lcm_distillation and (cfg.rank, cfg.network_alpha) == (64, 64)  # spec training §4.4
+    assert cfg.lora and cfg.lcm_distillation and (cfg.rank, cfg.network_alpha) == (64, 64)  # the original's rank and alpha
     assert (cfg.video_sample_size, cfg.video_sample_n_frames, cfg.train_batch_size) == (256, 32, 8)
     assert cfg.learning_rate == 1e-4 and cfg.checkpoints_total_limit == 2 and cfg.validation_steps == 100
     assert (cfg.lcm_w_min, cfg.lcm_w_max, cfg.lcm_num_ddim_timesteps) == (5.0, 15.0, 50)

@@ -1,5 +1,5 @@
 """VAE training losses: LPIPS (tiny stand-in network, loading), the 2D/3D discriminators, KL, hinge, the adaptive
-GAN weight and how VAELoss combines them (spec vae.md §6)."""
+GAN weight and how VAELoss combines them."""
 
 import math
 
@@ -58,7 +58,7 @@ def test_lpips_is_a_frozen_metric():
 
 
 def test_lpips_full_size_matches_spec_parameter_count():
-    # spec §1: LPIPS-VGG16 14.7 M, 2D PatchGAN 2.8 M, 3D discriminator 3.6 M (the released files' loss.* extras).
+    # The released files' loss.* extras: LPIPS-VGG16 14.7 M, 2D PatchGAN 2.8 M, 3D discriminator 3.6 M.
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert round(count(LPIPS()) / 1e5) == 147
     assert round(count(NLayerDiscriminator()) / 1e5) == 28

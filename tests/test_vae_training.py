@@ -315,7 +315,7 @@ def test_saved_vae_folder_reloads_and_reconstructs_the_same(gan_run, keys_dir):
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     saved = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     assert not any(k.startswith("loss") for k in saved)
-    # Same key set as the released VAE (spec §5 manifest), only smaller.
+    # Same key set as the released VAE, only smaller.
     manifest = json.loads((keys_dir / "vae_v4.json").read_text())
     manifest = manifest.get("keys", manifest) if isinstance(manifest, dict) else manifest
     assert set(saved) == set(manifest)

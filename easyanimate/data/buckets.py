@@ -1,5 +1,4 @@
-"""Aspect-ratio buckets, token-length arithmetic, the bucket batch sampler and the batch collate function
-(spec training §2).
+"""Aspect-ratio buckets, token-length arithmetic, the bucket batch sampler and the batch collate function.
 
 Every batch has one shape: the sampler groups entries of one type (image or video) whose height/width ratio is
 closest to the same bucket, and the collate function resizes/crops all of them to that bucket at the batch's base
@@ -94,7 +93,8 @@ def round_budgets(token_sample_size: int, n_frames: int) -> list[int]:
 
 
 def replication_factor(budget: int, frames: int, height: int, width: int) -> int:
-    """×4 when a batch uses at most 1/16 of the pixel budget, ×2 when at most 1/4, else 1 (spec §2.5)."""
+    """How often each sample of a batch is repeated under ``--training_with_video_token_length`` so the batch
+    fills its token budget: ×4 when it uses at most 1/16 of the pixel budget, ×2 when at most 1/4, else 1."""
     pixels = frames * height * width
     if budget // 16 >= pixels:
         return 4
@@ -229,7 +229,7 @@ def _resize_cover_crop(frames: torch.Tensor, crop: tuple[int, int]) -> torch.Ten
 
 
 class BucketCollate:
-    """Turns a list of dataset samples into one batch of one shape (spec §2.4).
+    """Turns a list of dataset samples into one batch of one shape.
 
     Output keys: ``pixel_values`` float ``(B, F, 3, H, W)`` in [-1, 1], ``text`` (list), ``data_type``,
     ``positions``/``epoch`` (the samples' randomness keys), ``replicas`` (token-length ×1/×2/×4 replication for the
@@ -248,6 +248,9 @@ class BucketCollate:
         self.round_budgets = round_budgets(config.token_sample_size, config.video_sample_n_frames)
 
     def _base_size_and_frame_cap(self, data_type: str, samples: list[dict], rng: np.random.Generator):
+        """The batch's base size (its bucket is scaled to it) and the most frames it may keep: the configured size,
+        or with ``random_hw_adapt`` a smaller one drawn from ``rng`` (videos under a token budget: a size below
+        1.25x the samples' smallest side, with the frames that fit the budget)."""
         cfg = self.config
         default_cap = cfg.video_sample_n_frames + cfg.frame_interval
         if data_type == "image":

@@ -1,4 +1,4 @@
-"""Rewriting captions with a language model behind an OpenAI-compatible chat API (spec training §6.9: the original's
+"""Rewriting captions with a language model behind an OpenAI-compatible chat API (the original's
 ``caption_rewrite.py`` / ``beautiful_prompt.py``, which ran vLLM or called such a server).
 
 Any server that answers ``POST {api_base}/chat/completions`` works: vLLM's and llama.cpp's OpenAI servers, Ollama,
@@ -101,6 +101,7 @@ class ChatClient:
 
 
 def check_template(template: str) -> str:
+    """``template`` unchanged, or a ValueError when it lacks ``{caption}`` or ``str.format`` cannot fill it."""
     if "{caption}" not in template:
         raise ValueError("the prompt template must contain {caption}, where each caption goes")
     try:

@@ -131,15 +131,17 @@ def _run_with_timeout(fn, timeout_s: float, what: str):
 
 
 def frame_indices(total: int, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    """Frame indices of a clip: stride ``video_sample_stride`` inside the 10 %-90 % window (spec §1.3)."""
+    """Frame indices of a clip of ``total`` frames: ``n = min(video_sample_n_frames, frames in the window)``
+    indices spread evenly over ``(n - 1) * video_sample_stride + 1`` frames (fewer when the video is short), from a
+    random start inside the ``video_length_drop_start``-``video_length_drop_end`` window (10 %-90 % by default).
+    Raises ValueError when the window holds no frame."""
     n_frames = min(config.video_sample_n_frames, int(total * (config.video_length_drop_end - config.video_length_drop_start)))
     if n_frames <= 0:
         raise ValueError(f"video too short: {total} frames leave none inside the {config.video_length_drop_start:g}-"
                          f"{config.video_length_drop_end:g} window")
     usable = int(config.video_length_drop_end * total)
     clip = min(usable, (n_frames - 1) * config.video_sample_stride + 1)
-    # The original raises when the window start lies past the last possible start and drops the video;
-    # starting earlier instead keeps every readable video usable.
+    # a window start past the last possible start moves back (the original drops such videos)
     last_start = usable - clip
     first_start = min(int(config.video_length_drop_start * usable), last_start)
     start = int(rng.integers(first_start, last_start + 1))
@@ -222,6 +224,8 @@ class VideoImageDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        """The frames of entry ``index`` as uint8 ``(F, H, W, 3)`` (``rng`` picks a video's frames); raises on any
+        read or decode problem."""
         entry = self.entries[index]
         if entry["type"] == "video":
             frames = read_video(entry["file_path"], self.config, rng)

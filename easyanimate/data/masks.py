@@ -1,4 +1,4 @@
-"""The five random inpaint masks of V4 image-to-video training (spec training §3.5).
+"""The five random inpaint masks of V4 image-to-video training.
 
 A mask has shape ``(F, 1, H, W)``, value 1 where the model must generate and 0 where the pixels are given.
 Randomness comes from an explicit ``numpy.random.Generator`` so a sample's mask depends only on its seed.

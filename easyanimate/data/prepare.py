@@ -1,4 +1,4 @@
-"""Raw videos -> training clips: the first stage of the original's data toolkit (spec training §6.9).
+"""Raw videos -> training clips: the first stage of the original's data toolkit.
 
 Each video is cut at its scene changes (PySceneDetect's content detector); scenes shorter than ``min_seconds`` are
 dropped, longer than ``max_seconds`` cut into equal pieces of at most that length, and videos below ``min_pixels``
@@ -135,6 +135,8 @@ def _detect_scenes(path: Path, threshold: float) -> tuple[list[tuple[float, floa
 
 
 def _cut(ffmpeg: str, source: Path, start: float, end: float, target: Path, crf: int) -> None:
+    """Re-encode ``[start, end)`` seconds of ``source`` to ``target`` (H.264, no audio), written under a temporary
+    name and renamed when complete; raises RuntimeError with ffmpeg's message when it fails."""
     partial = target.with_name(f".{target.stem}.partial{target.suffix}")
     command = [
         ffmpeg, "-nostdin", "-loglevel", "error", "-y", "-ss", f"{start:.3f}", "-i", str(source),

@@ -44,26 +44,26 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def resolve_resume(output_dir: str | os.PathLike, spec: str | os.PathLike | None) -> Path | None:
-    """Turn ``--resume_from_checkpoint`` into a checkpoint folder.
+def resolve_resume(output_dir: str | os.PathLike, requested: str | os.PathLike | None) -> Path | None:
+    """Turn ``--resume_from_checkpoint`` (``requested``) into a checkpoint folder.
 
     ``None``/``""`` -> no resume; ``"latest"`` -> the newest complete checkpoint in ``output_dir`` (``None`` when
     there is none yet, so a first run and a restarted run can share one command line); otherwise a folder that
     must be a complete checkpoint.
     """
-    if spec is None or str(spec) == "":
+    if requested is None or str(requested) == "":
         return None
-    if str(spec) == "latest":
+    if str(requested) == "latest":
         path = latest_checkpoint(output_dir)
         if path is None:
             logger.info("resume 'latest': no checkpoint in %s yet, starting from scratch", output_dir)
         return path
-    path = Path(spec)
+    path = Path(requested)
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
+        raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such checkpoint folder")
     if not (path / STATE_FILE).is_file():
         raise ValueError(
-            f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {STATE_FILE}); "
+            f"--resume_from_checkpoint {requested}: not a complete checkpoint (no {STATE_FILE}); "
             "it was probably interrupted while saving - pick an earlier one or use 'latest'"
         )
     return path

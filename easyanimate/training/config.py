@@ -163,6 +163,7 @@ class TrainConfig:
             raise ValueError(f"--rank must be >= 1, got {self.rank}")
 
     def data_config(self) -> DataConfig:
+        """The data settings of this run as the dataset, sampler and collate function take them."""
         return DataConfig(
             image_sample_size=self.image_sample_size,
             video_sample_size=self.video_sample_size,
@@ -184,6 +185,7 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`TrainConfig` field (booleans also as ``--no-…``), plus the ignored original flags."""
     parser = argparse.ArgumentParser(description="Train the EasyAnimate V4 transformer (full fine-tune or LoRA).")
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
@@ -205,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> TrainConfig:
+    """A validated :class:`TrainConfig` from command-line arguments (``sys.argv`` when None), with a warning for
+    each ignored original flag given."""
     args = vars(build_parser().parse_args(argv))
     for name, reason in IGNORED_ORIGINAL_FLAGS.items():
         if args.pop(name):

@@ -1,4 +1,4 @@
-"""Latent consistency distillation into a LoRA (LCM-LoRA; spec training §4.4).
+"""Latent consistency distillation into a LoRA (LCM-LoRA, as the original's ``train_lcm_lora.py``).
 
 The teacher is the frozen transformer, the student the same transformer with a LoRA. Each step:
 
@@ -65,6 +65,8 @@ class DDIMSolver:
         return len(self.timesteps)
 
     def step(self, x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """One DDIM step per sample from grid point ``timesteps[index]`` to the point before it (``t = 0`` for the
+        first), given the predicted clean sample ``x0`` and noise."""
         alpha_bar_prev = self.alphas_cumprod_prev.to(x0.device)[index].view(-1, *[1] * (x0.ndim - 1))
         return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev).sqrt() * noise
 
@@ -100,6 +102,7 @@ class LCMDistillation:
         return torch.tensor(index), torch.tensor(scale, dtype=torch.float32)
 
     def consistency_output(self, output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``c_skip(t) * sample + c_out(t) * x0`` in fp32, with ``x0`` the clean sample ``output`` implies."""
         x0, _ = predicted_x0_and_noise(output, sample, self.alphas_cumprod, timesteps, self.objective.prediction_type)
         c_skip, c_out = (c.to(sample.device).view(-1, *[1] * (sample.ndim - 1))
                          for c in boundary_scalings(timesteps, self.timestep_scaling))

@@ -1,4 +1,4 @@
-"""The V4 training objective (spec training §3.5-§3.7).
+"""The V4 training objective.
 
 DDPM forward process with the model folder's scheduler (scaled-linear betas, v-prediction), logit-normal
 timesteps, the learned-sigma half of the transformer output discarded, MSE in fp32 with the optional motion
@@ -82,6 +82,7 @@ class DiffusionObjective:
 
     @classmethod
     def from_model_folder(cls, path: str | os.PathLike, **kwargs) -> "DiffusionObjective":
+        """The objective with the DDPM scheduler of the model folder's ``scheduler/``; ``kwargs`` set the rest."""
         scheduler_dir = os.path.join(os.fspath(path), "scheduler")
         if not os.path.isfile(os.path.join(scheduler_dir, "scheduler_config.json")):
             raise FileNotFoundError(f"no scheduler/scheduler_config.json in {path}: the model folder is incomplete")
@@ -96,12 +97,15 @@ class DiffusionObjective:
         return self.scheduler.config.prediction_type
 
     def sample_noise(self, shape_per_sample: Sequence[int], keys: Sequence[SampleKey], *, device=None) -> torch.Tensor:
+        """Standard normal noise ``(len(keys), *shape_per_sample)``, each row drawn from its sample key (and
+        correlated across latent frames with ``noise_share_in_frames_ratio``)."""
         noise = torch.stack([keyed_randn(tuple(shape_per_sample), (self.seed, NOISE, *key)) for key in keys])
         if self.noise_share_in_frames_ratio > 0:
             noise = share_noise_across_frames(noise, self.noise_share_in_frames_ratio)
         return noise.to(device)
 
     def sample_timesteps(self, keys: Sequence[SampleKey], *, device=None) -> torch.Tensor:
+        """One logit-normal training timestep per sample key (:func:`sample_logit_normal_timesteps`)."""
         return sample_logit_normal_timesteps(keys, self.seed, self.num_train_timesteps,
                                              self.timestep_logit_mean, self.timestep_logit_std).to(device)
 
@@ -118,6 +122,7 @@ class DiffusionObjective:
         return noisy, target
 
     def loss(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The scalar fp32 loss of the transformer's raw output (learned-sigma half dropped) against ``target``."""
         prediction = discard_learned_sigma(model_output, target.shape[1])
         return diffusion_loss(prediction, target, self.motion_sub_loss_ratio)
 

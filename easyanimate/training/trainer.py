@@ -1,10 +1,11 @@
 """The transformer training loop (full fine-tune or LoRA) on accelerate.
 
-Read :func:`train` top to bottom: load the model folder, build the data, choose what trains, optimise, and
-every N steps log, checkpoint and render validation samples. One training step (:func:`compute_loss`) encodes
-the batch with the frozen VAE / text encoders / CLIP image encoder and regresses the transformer's output on
-the v-prediction target (:mod:`easyanimate.training.objective`), or with ``--lcm_distillation`` distils the
-frozen model into an LCM-LoRA (:mod:`easyanimate.training.lcm`).
+Read :func:`train` top to bottom: build the data, load the model folder and choose what trains, build the
+optimiser, resume, then train epoch by epoch (:func:`train_epochs`), and every N steps log, checkpoint and render
+validation samples. One micro-batch's loss (:func:`compute_loss`) encodes the batch with the frozen VAE / text
+encoders / CLIP image encoder and regresses the transformer's output on the v-prediction target
+(:mod:`easyanimate.training.objective`), or with ``--lcm_distillation`` distils the frozen model into an LCM-LoRA
+(:mod:`easyanimate.training.lcm`).
 
 Randomness (frame windows, masks, noise, timesteps, VAE posterior samples, CLIP drop) is keyed per sample, so a
 resumed run reproduces the uninterrupted one and N processes reproduce one process with the same global batch.
@@ -160,6 +161,8 @@ def select_trainable(transformer: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (bitsandbytes' AdamW8bit with ``--use_8bit_adam``, CAME with ``--use_came``); each
+    group keeps its own learning rate."""
     if cfg.use_came:
         from came_pytorch.CAME import CAME  # the package's __init__ exports nothing
 
@@ -252,42 +255,22 @@ def prepare_batch(transformer: nn.Module, frozen: FrozenModels, objective: Diffu
                   cfg: TrainConfig, device, weight_dtype) -> tuple[torch.Tensor, list, dict]:
     """The clean latents ``(B * replicas, C, F, h, w)``, the per-sample randomness keys, and the transformer's
     conditioning keyword arguments (text, image meta size, style, RoPE and in inpaint mode the mask / masked-video
-    latents and CLIP tokens) of one batch (spec §3.5-§3.6)."""
+    latents and CLIP tokens) of one batch. Every sample appears ``replicas`` times in a row (token-length
+    replication), each copy with its own key and so its own noise."""
     replicas = int(batch["replicas"])
     base_keys = [(int(batch["epoch"]), int(p)) for p in batch["positions"]]
     keys = [(*k, r) for k in base_keys for r in range(replicas)]  # x2/x4 token-length replication, sample-major
-    seed = objective.seed
 
     pixels = batch["pixel_values"].to(device, weight_dtype).transpose(1, 2)  # B, 3, F, H, W
     with torch.no_grad(), on_device([frozen.vae], device, cfg.low_vram):
-        latents = sample_posterior(frozen.vae, pixels, keys, replicas, seed, 0, cfg.vae_mini_batch)
+        latents = sample_posterior(frozen.vae, pixels, keys, replicas, objective.seed, 0, cfg.vae_mini_batch)
         texts = [t for t in batch["text"] for _ in range(replicas)]
         with on_device([frozen.text_encoder, frozen.text_encoder_2], device, cfg.low_vram):
             bert, bert_mask, t5, t5_mask = encode_text(frozen, texts, device, weight_dtype)
         extra = {}
         if cfg.train_mode == "inpaint":
-            mask = batch["mask"].to(device, weight_dtype).transpose(1, 2)  # B, 1, F, H, W; 1 = generate
-            masked = batch["mask_pixel_values"].to(device, weight_dtype).transpose(1, 2)
-            flags = inpaint_condition_flags(batch["mask"].repeat_interleave(replicas, 0), keys, seed)
-            inpaint = torch.zeros(latents.shape[0], 2 * latents.shape[1], *latents.shape[2:], device=device)
-            # samples whose condition is zeroed (text-to-video) skip the two VAE encodes: a pure saving, since all
-            # noise is keyed per sample the other samples' latents are unchanged
-            used = flags.view(-1, replicas).amax(dim=1) > 0
-            if used.any():
-                idx = used.nonzero().flatten().tolist()
-                rows = [i * replicas + r for i in idx for r in range(replicas)]
-                sub_keys = [keys[row] for row in rows]
-                # the {0, 1} mask is encoded as if it were an image (tiled to 3 channels), as the original does
-                mask_latents = sample_posterior(frozen.vae, mask[idx].expand(-1, 3, -1, -1, -1), sub_keys, replicas,
-                                                seed, 1, cfg.vae_mini_batch)
-                masked_latents = sample_posterior(frozen.vae, masked[idx], sub_keys, replicas, seed, 2,
-                                                  cfg.vae_mini_batch)
-                inpaint[rows] = torch.cat([mask_latents, masked_latents], dim=1).float()
-            flags = flags.to(device)[:, None, None, None, None]
-            extra["inpaint_latents"] = (inpaint * flags).to(weight_dtype)
-            clip_tokens = encode_clip(frozen, batch["clip_pixel_values"], device, weight_dtype)
-            extra["clip_encoder_hidden_states"] = clip_tokens.repeat_interleave(replicas, 0)
-            extra["clip_attention_mask"] = clip_keep_mask(keys, seed, transformer.config.n_query).to(device, weight_dtype)
+            extra = inpaint_conditioning(transformer, frozen, batch, latents, keys, objective.seed, cfg, device,
+                                         weight_dtype)
 
     from ..models.rope import rope_for_size
 
@@ -307,10 +290,42 @@ def prepare_batch(transformer: nn.Module, frozen: FrozenModels, objective: Diffu
     return latents, keys, conditioning
 
 
+def inpaint_conditioning(transformer: nn.Module, frozen: FrozenModels, batch: dict, latents: torch.Tensor,
+                         keys: list, seed: int, cfg: TrainConfig, device, weight_dtype) -> dict:
+    """Inpaint mode's transformer inputs for the latents of :func:`prepare_batch` (with the VAE on ``device``):
+    ``inpaint_latents``, the VAE-encoded mask and masked video, zeroed for the samples trained as text-to-video;
+    the CLIP tokens of each sample's reference frame; and ``clip_attention_mask``, which drops them per sample."""
+    replicas = int(batch["replicas"])
+    mask = batch["mask"].to(device, weight_dtype).transpose(1, 2)  # B, 1, F, H, W; 1 = generate
+    masked = batch["mask_pixel_values"].to(device, weight_dtype).transpose(1, 2)
+    flags = inpaint_condition_flags(batch["mask"].repeat_interleave(replicas, 0), keys, seed)
+    inpaint = torch.zeros(latents.shape[0], 2 * latents.shape[1], *latents.shape[2:], device=device)
+    # samples whose condition is zeroed (text-to-video) skip the two VAE encodes: a pure saving, since all
+    # noise is keyed per sample the other samples' latents are unchanged
+    used = flags.view(-1, replicas).amax(dim=1) > 0
+    if used.any():
+        idx = used.nonzero().flatten().tolist()
+        rows = [i * replicas + r for i in idx for r in range(replicas)]
+        sub_keys = [keys[row] for row in rows]
+        # the {0, 1} mask is encoded as if it were an image (tiled to 3 channels), as the original does
+        mask_latents = sample_posterior(frozen.vae, mask[idx].expand(-1, 3, -1, -1, -1), sub_keys, replicas,
+                                        seed, 1, cfg.vae_mini_batch)
+        masked_latents = sample_posterior(frozen.vae, masked[idx], sub_keys, replicas, seed, 2, cfg.vae_mini_batch)
+        inpaint[rows] = torch.cat([mask_latents, masked_latents], dim=1).float()
+    flags = flags.to(device)[:, None, None, None, None]
+    clip_tokens = encode_clip(frozen, batch["clip_pixel_values"], device, weight_dtype)
+    return {
+        "inpaint_latents": (inpaint * flags).to(weight_dtype),
+        "clip_encoder_hidden_states": clip_tokens.repeat_interleave(replicas, 0),
+        "clip_attention_mask": clip_keep_mask(keys, seed, transformer.config.n_query).to(device, weight_dtype),
+    }
+
+
 def compute_lcm_loss(model: nn.Module, transformer: nn.Module, lora_network, frozen: FrozenModels,
                      distillation: LCMDistillation, batch: dict, cfg: TrainConfig, device, weight_dtype) -> torch.Tensor:
-    """One LCM distillation step (spec §4.4): the LoRA student against the guided, frozen teacher. The
-    unconditional input has empty captions and no CLIP image tokens; the inpaint latents stay."""
+    """The LCM distillation loss of one batch: the LoRA student against the guided, frozen teacher (the same
+    transformer with the LoRA detached). The unconditional input has empty captions and no CLIP image tokens; the
+    inpaint latents stay."""
     latents, keys, conditioning = prepare_batch(transformer, frozen, distillation.objective, batch, cfg, device,
                                                 weight_dtype)
     with torch.no_grad():
@@ -333,7 +348,8 @@ def compute_lcm_loss(model: nn.Module, transformer: nn.Module, lora_network, fro
 
 def compute_loss(model: nn.Module, transformer: nn.Module, frozen: FrozenModels, objective: DiffusionObjective,
                  batch: dict, cfg: TrainConfig, device, weight_dtype) -> torch.Tensor:
-    """One training step's loss (spec §3.5-§3.7)."""
+    """The diffusion loss of one batch: the batch's latents noised with keyed noise at keyed logit-normal
+    timesteps, and the fp32 MSE of the transformer's prediction against the scheduler's target (v for V4)."""
     latents, keys, conditioning = prepare_batch(transformer, frozen, objective, batch, cfg, device, weight_dtype)
     noise = objective.sample_noise(latents.shape[1:], keys, device=device)
     timesteps = objective.sample_timesteps(keys, device=device)
@@ -345,21 +361,106 @@ def compute_loss(model: nn.Module, transformer: nn.Module, frozen: FrozenModels,
 # ------------------------------------------------------------------------------------------------ the run
 @dataclass
 class TrainResult:
+    """What :func:`train` returns: the optimizer steps done, each step's loss, the output folder and the
+    data-health summary."""
+
     global_step: int
     losses: list = field(default_factory=list)  # (step, loss averaged over processes and accumulation)
     output_dir: str = ""
     data_summary: str = ""
 
 
+@dataclass
+class TrainingData:
+    """The data of a run: the composed metadata entries, this process's batch sampler and loader, the read and
+    failure counts, and the run's length in optimizer steps."""
+
+    entries: list[dict]
+    sampler: BucketBatchSampler
+    loader: torch.utils.data.DataLoader
+    health: DataHealth
+    max_train_steps: int
+
+
+@dataclass
+class TrainingModels:
+    """The models of a run: the transformer (trained, or frozen under ``lora_network``), the frozen conditioning
+    models, the objective (wrapped by ``distillation`` with ``--lcm_distillation``) and the parameter groups the
+    optimizer updates."""
+
+    transformer: nn.Module
+    frozen: FrozenModels
+    objective: DiffusionObjective
+    distillation: LCMDistillation | None
+    lora_network: nn.Module | None
+    param_groups: list[dict]
+
+
+@dataclass
+class TrainingRun:
+    """Everything the steps of a run share, and where the run stands: ``global_step`` optimizer steps done, and
+    ``rounds`` batches of epoch ``epoch`` consumed (where a resumed sampler continues). ``loss_sum`` and
+    ``micro_batches`` accumulate the losses of the optimizer step in progress; accumulation carries over epoch
+    ends, as accelerate's does."""
+
+    cfg: TrainConfig
+    accelerator: object
+    output_dir: Path
+    data: TrainingData
+    models: TrainingModels
+    model: nn.Module  # the TrainableTransformer as accelerate prepared it (wrapped for DDP or DeepSpeed)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: object | None  # diffusers EMAModel of the transformer (full fine-tunes with --use_ema)
+    trainable: list[nn.Parameter]
+    trainable_names: list[str]  # parameter names of ``trainable``, for --report_model_info
+    use_deepspeed: bool
+    global_step: int = 0
+    epoch: int = 0
+    rounds: int = 0
+    resumed: bool = False
+    loss_sum: float = 0.0
+    micro_batches: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return _weight_dtype(self.accelerator)
+
+
 def _weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of the frozen models and of the transformer's inputs: accelerate's mixed precision, else fp32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """Train the transformer (or a LoRA on it) as ``cfg`` says, continuing from ``--resume_from_checkpoint`` when
+    given. Writes checkpoints, ``train_log.jsonl``, tracker logs and validation samples under ``cfg.output_dir``.
+    Returns the loss of every step; with ``--use_ema`` the transformer holds the EMA weights afterwards."""
+    accelerator = make_accelerator(cfg)
+    data = build_data(cfg, accelerator)  # first, so a bad metadata file fails before minutes of model loading
+    models = build_models(cfg, accelerator)
+    if cfg.precompute_text_embeddings:
+        precompute_text_embeddings(cfg, accelerator, models.frozen, data.entries)
+    run = build_run(cfg, accelerator, data, models)
+    resume_from_checkpoint(run)
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers(cfg.tracker_project_name, config={k: str(v) for k, v in asdict(cfg).items()})
+    if accelerator.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+    result = TrainResult(run.global_step, output_dir=str(run.output_dir))
+    train_epochs(run, result)
+    return finish(run, result)
+
+
+def make_accelerator(cfg: TrainConfig):
+    """The run's ``Accelerator`` (gradient accumulation, mixed precision, tracker under ``output_dir``), with
+    logging configured and TF32 matmuls allowed when ``--allow_tf32``."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -372,9 +473,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    device, weight_dtype = accelerator.device, _weight_dtype(accelerator)
+    return accelerator
 
-    # --- data (first, so a bad metadata file fails before minutes of model loading)
+
+def build_data(cfg: TrainConfig, accelerator) -> TrainingData:
+    """The metadata entries (videos repeated ``video_repeat`` times), this process's bucket sampler and loader,
+    and the run's length: ``--max_train_steps``, else ``num_train_epochs`` epochs of optimizer steps. Raises
+    ValueError when the entries fill no batch on every process."""
     entries = compose_entries(load_metadata(cfg.train_data_meta, cfg.train_data_dir), cfg.video_repeat)
     data_config = cfg.data_config()
     dataset = VideoImageDataset(entries, data_config, seed=cfg.seed)
@@ -382,15 +487,18 @@ def train(cfg: TrainConfig) -> TrainResult:
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=BucketCollate(data_config, cfg.seed),
                                          num_workers=cfg.dataloader_num_workers)
-    health = DataHealth(cfg.max_failure_fraction)
-    steps_per_epoch = max(math.ceil(len(sampler) / cfg.gradient_accumulation_steps), 1)
-    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     if len(sampler) == 0:
         raise ValueError(f"{len(entries)} entries make no full batch of {cfg.train_batch_size} per process on "
                          f"{accelerator.num_processes} processes; lower --train_batch_size")
+    steps_per_epoch = max(math.ceil(len(sampler) / cfg.gradient_accumulation_steps), 1)
+    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    return TrainingData(entries, sampler, loader, DataHealth(cfg.max_failure_fraction), max_train_steps)
 
-    # --- models
-    transformer, frozen = load_models(cfg, device, weight_dtype)
+
+def build_models(cfg: TrainConfig, accelerator) -> TrainingModels:
+    """Load the model folder, set up the objective from its scheduler (and the LCM distillation around it) and
+    choose what trains."""
+    transformer, frozen = load_models(cfg, accelerator.device, _weight_dtype(accelerator))
     objective = DiffusionObjective.from_model_folder(
         cfg.pretrained_model_name_or_path, seed=cfg.seed,
         motion_sub_loss_ratio=cfg.motion_sub_loss_ratio if cfg.motion_sub_loss else 0.0,
@@ -405,13 +513,22 @@ def train(cfg: TrainConfig) -> TrainResult:
         frozen.pipeline.set_sampler("LCM")  # validation samples: few steps, no classifier-free guidance
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    lora_network, param_groups = trainable_parameters(cfg, accelerator, transformer)
+    return TrainingModels(transformer, frozen, objective, distillation, lora_network, param_groups)
 
+
+def trainable_parameters(cfg: TrainConfig, accelerator,
+                         transformer: nn.Module) -> tuple[nn.Module | None, list[dict]]:
+    """With ``--lora``: a new LoRA network hooked into the transformer (which is frozen and cast to the compute
+    dtype) and its parameter groups; else None and the ``trainable_modules`` groups of the transformer. With
+    ``--scale_lr`` every group's learning rate is multiplied by the global batch size."""
     lora_network = None
     if cfg.lora:
         from ..lora import LoRANetwork
 
-        transformer.requires_grad_(False).to(weight_dtype)
-        lora_network = LoRANetwork(transformer, rank=cfg.rank, alpha=cfg.network_alpha).to(device).apply_to()
+        transformer.requires_grad_(False).to(_weight_dtype(accelerator))
+        lora_network = LoRANetwork(transformer, rank=cfg.rank, alpha=cfg.network_alpha)
+        lora_network = lora_network.to(accelerator.device).apply_to()
         param_groups = lora_network.param_groups(cfg.learning_rate)
     else:
         param_groups = select_trainable(transformer, cfg)
@@ -419,27 +536,38 @@ def train(cfg: TrainConfig) -> TrainResult:
         factor = cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
         for group in param_groups:
             group["lr"] *= factor
-    model = TrainableTransformer(transformer, lora_network)
+    return lora_network, param_groups
 
-    if cfg.precompute_text_embeddings:
-        frozen.text_cache = {}
-        uses_empty = cfg.text_drop_ratio > 0 or cfg.lcm_distillation  # LCM: the teacher's unconditional input
-        captions = sorted({e["text"] for e in entries} | ({""} if uses_empty else set()))
-        with on_device([frozen.text_encoder, frozen.text_encoder_2], device, cfg.low_vram):
-            for start in tqdm(range(0, len(captions), 64), desc="text embeddings",
-                              disable=not accelerator.is_main_process):
-                encode_text(frozen, captions[start : start + 64], "cpu", weight_dtype)
-        # free accelerator memory; validation moves them back for its prompts
-        frozen.text_encoder.to("cpu")
-        frozen.text_encoder_2.to("cpu")
-        frozen.text_encoder = frozen.text_encoder_2 = None
 
-    # --- optimisation
-    optimizer = make_optimizer(param_groups, cfg)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=max_train_steps)
+def precompute_text_embeddings(cfg: TrainConfig, accelerator, frozen: FrozenModels, entries: list[dict]) -> None:
+    """``--precompute_text_embeddings``: encode every caption of ``entries`` once into ``frozen.text_cache`` (on
+    the CPU), plus the empty caption when captions are dropped or the LCM teacher needs an unconditional input;
+    then park the text encoders on the CPU and take them out of ``frozen`` to free accelerator memory (validation
+    moves them back for its prompts)."""
+    from tqdm.auto import tqdm
+
+    frozen.text_cache = {}
+    uses_empty = cfg.text_drop_ratio > 0 or cfg.lcm_distillation
+    captions = sorted({e["text"] for e in entries} | ({""} if uses_empty else set()))
+    with on_device([frozen.text_encoder, frozen.text_encoder_2], accelerator.device, cfg.low_vram):
+        for start in tqdm(range(0, len(captions), 64), desc="text embeddings",
+                          disable=not accelerator.is_main_process):
+            encode_text(frozen, captions[start : start + 64], "cpu", _weight_dtype(accelerator))
+    frozen.text_encoder.to("cpu")
+    frozen.text_encoder_2.to("cpu")
+    frozen.text_encoder = frozen.text_encoder_2 = None
+
+
+def build_run(cfg: TrainConfig, accelerator, data: TrainingData, models: TrainingModels) -> TrainingRun:
+    """The run at step 0: optimizer and LR schedule, the model and optimizer prepared by accelerate, the EMA
+    (full fine-tunes with ``--use_ema``), all registered for checkpointing, and the checkpoint hooks."""
     from accelerate.utils import DistributedType
+    from diffusers.optimization import get_scheduler
 
+    transformer, lora_network = models.transformer, models.lora_network
+    optimizer = make_optimizer(models.param_groups, cfg)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=data.max_train_steps)
     use_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if use_deepspeed:
         # no dataloader goes through prepare(), so fill in what DeepSpeed would otherwise read from it; DeepSpeed
@@ -447,137 +575,201 @@ def train(cfg: TrainConfig) -> TrainResult:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
         ds_config["gradient_clipping"] = cfg.max_grad_norm
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(TrainableTransformer(transformer, lora_network), optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     ema = None
     if cfg.use_ema and not cfg.lora:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(transformer.parameters(), decay=cfg.ema_decay)
-        ema.to(device)
+        ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    trainable = [p for g in param_groups for p in g["params"]]
+    trainable = [p for g in models.param_groups for p in g["params"]]
     names = {id(p): n for n, p in (lora_network or transformer).named_parameters()}
     trainable_names = [names.get(id(p), f"param{i}") for i, p in enumerate(trainable)]
     _register_state_hooks(accelerator, transformer, lora_network)
+    return TrainingRun(cfg, accelerator, Path(cfg.output_dir), data, models, model, optimizer, lr_scheduler, ema,
+                       trainable, trainable_names, use_deepspeed)
 
-    # --- resume
-    global_step, first_epoch, rounds_done = 0, 0, 0
-    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
-    if resume is not None:
-        state = load_checkpoint(accelerator, resume)
-        global_step, first_epoch, rounds_done = state["step"], state["epoch"], state["rounds_in_epoch"]
-        health.reads, health.failures = state.get("data_reads", 0), state.get("data_failures", 0)
-        accelerator.print(f"resumed from {resume} at step {global_step} (epoch {first_epoch}, batch {rounds_done})")
 
-    if accelerator.is_main_process and cfg.report_to != "none":
-        accelerator.init_trackers(cfg.tracker_project_name, config={k: str(v) for k, v in asdict(cfg).items()})
+def resume_from_checkpoint(run: TrainingRun) -> None:
+    """With ``--resume_from_checkpoint``: restore everything the checkpoint holds (weights, optimizer, schedule,
+    EMA, RNG states) and the run's position and data-health counts; without one, or with ``latest`` and no
+    checkpoint yet, leave the run at step 0."""
+    checkpoint = resolve_resume(run.output_dir, run.cfg.resume_from_checkpoint)
+    if checkpoint is None:
+        return
+    state = load_checkpoint(run.accelerator, checkpoint)
+    run.global_step, run.epoch, run.rounds = state["step"], state["epoch"], state["rounds_in_epoch"]
+    run.data.health.reads, run.data.health.failures = state.get("data_reads", 0), state.get("data_failures", 0)
+    run.resumed = True
+    run.accelerator.print(f"resumed from {checkpoint} at step {run.global_step} (epoch {run.epoch}, "
+                          f"batch {run.rounds})")
 
-    def save(step: int, epoch: int, rounds: int) -> None:
-        def write_model(folder: Path) -> None:
-            unwrapped = accelerator.unwrap_model(model)
-            if lora_network is not None:
-                lora_network.save(folder / LORA_STATE_FILE)
-                lora_network.save(output_dir / f"checkpoint-{step}.safetensors", dtype=weight_dtype)
-                return
-            unwrapped.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
-            if ema is not None:
-                with _ema_weights(ema, transformer):
-                    transformer.save_pretrained(folder / "transformer_ema", safe_serialization=True)
 
-        extra = {"epoch": epoch, "rounds_in_epoch": rounds, "data_reads": health.reads, "data_failures": health.failures}
-        save_checkpoint(accelerator, output_dir, step, extra=extra, keep_last=cfg.checkpoints_total_limit,
-                        save_model_fn=write_model)
+def save_training_checkpoint(run: TrainingRun) -> None:
+    """Write ``checkpoint-{global_step}`` (call on every process): accelerate's state, the trained weights in the
+    released format (``transformer/`` and, with EMA, ``transformer_ema/``; or the LoRA file, plus a copy in the
+    compute dtype as ``output_dir/checkpoint-{step}.safetensors``) and the run's position."""
+    models, health, step = run.models, run.data.health, run.global_step
 
-    # --- the loop
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    result = TrainResult(global_step, output_dir=str(output_dir))
-    progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
-    accumulated, micro = 0.0, 0
-    epoch, rounds = first_epoch, rounds_done
-    while global_step < max_train_steps and (cfg.max_train_steps or epoch < cfg.num_train_epochs):
-        sampler.set_epoch(epoch, skip_rounds=rounds)
-        batches_this_pass = 0
-        for batch in loader:
-            batches_this_pass += 1
-            health.record(batch["failures"] + sampler.failures, successes=batch["reads"])
-            sampler.failures.clear()
-            # decide on the counts of all processes, so every rank stops together
-            totals = accelerator.reduce(torch.tensor([health.reads, health.failures], device=device), "sum")
-            health.check(int(totals[0]), int(totals[1]))
+    def write_model(folder: Path) -> None:
+        unwrapped = run.accelerator.unwrap_model(run.model)
+        if models.lora_network is not None:
+            models.lora_network.save(folder / LORA_STATE_FILE)
+            models.lora_network.save(run.output_dir / f"checkpoint-{step}.safetensors", dtype=run.weight_dtype)
+            return
+        unwrapped.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+        if run.ema is not None:
+            with _ema_weights(run.ema, models.transformer):
+                models.transformer.save_pretrained(folder / "transformer_ema", safe_serialization=True)
 
-            if global_step == 0 and batches_this_pass == 1 and resume is None and accelerator.is_main_process:
-                write_sanity_check(batch, output_dir / "sanity_check")
-            model.train()
-            with accelerator.accumulate(model):
-                if distillation is not None:
-                    loss = compute_lcm_loss(model, transformer, lora_network, frozen, distillation, batch, cfg,
-                                            device, weight_dtype)
-                else:
-                    loss = compute_loss(model, transformer, frozen, objective, batch, cfg, device, weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and not use_deepspeed:
-                    # full fine-tunes use the original's adaptive clip value, LoRA a plain one
-                    norm = float(accelerator.clip_grad_norm_(trainable, float("inf")))  # unscale + measure only
-                    clip = cfg.max_grad_norm if cfg.lora else adaptive_clip_norm(global_step, norm, cfg)
-                    if cfg.report_model_info:
-                        model_info = {"grad_clip": clip}
-                        if norm > 1 and global_step >= cfg.abnormal_norm_clip_start:
-                            model_info["grad_norms"] = largest_grad_norms(trainable, trainable_names)
-                    torch.nn.utils.clip_grad_norm_(trainable, clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            rounds += 1
-            accumulated += accelerator.gather(loss.detach()[None]).mean().item()
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
+    extra = {"epoch": run.epoch, "rounds_in_epoch": run.rounds, "data_reads": health.reads,
+             "data_failures": health.failures}
+    save_checkpoint(run.accelerator, run.output_dir, step, extra=extra, keep_last=run.cfg.checkpoints_total_limit,
+                    save_model_fn=write_model)
 
-            lr_scheduler.step()
-            global_step += 1
-            if ema is not None:
-                ema.step(transformer.parameters())
-            step_loss, accumulated, micro = accumulated / micro, 0.0, 0
-            result.losses.append((global_step, step_loss))
-            lr = lr_scheduler.get_last_lr()[0]
-            record = {"step": global_step, "loss": step_loss, "lr": lr}
-            if not use_deepspeed:
-                record["grad_norm"] = norm
-                if cfg.report_model_info:
-                    record.update(model_info)
-            scalars = {k: v for k, v in record.items() if k in ("lr", "grad_norm", "grad_clip")}
-            scalars.update({f"grad_norm/{k}": v for k, v in record.get("grad_norms", {}).items()})
-            accelerator.log({"train_loss": step_loss, **scalars}, step=global_step)
-            if accelerator.is_main_process:
-                with open(output_dir / "train_log.jsonl", "a") as log_file:
-                    log_file.write(json.dumps(record) + "\n")
-            progress.update(1)
-            progress.set_postfix(step_loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if global_step % cfg.checkpointing_steps == 0:
-                save(global_step, epoch, rounds)
-            if cfg.validation_prompts and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
-                render_validation(frozen, transformer, ema, cfg, global_step, output_dir)
-            if global_step >= max_train_steps:
-                break
+
+def train_epochs(run: TrainingRun, result: TrainResult) -> None:
+    """Train epoch after epoch until ``max_train_steps`` optimizer steps (without ``--max_train_steps``: until
+    ``num_train_epochs`` epochs); render validation samples after every ``validation_epochs``-th epoch."""
+    from tqdm.auto import tqdm
+
+    cfg, accelerator = run.cfg, run.accelerator
+    progress = tqdm(total=run.data.max_train_steps, initial=run.global_step, desc="steps",
+                    disable=not accelerator.is_main_process)
+    while run.global_step < run.data.max_train_steps and (cfg.max_train_steps or run.epoch < cfg.num_train_epochs):
+        if not train_epoch(run, result, progress):
+            break  # max_train_steps reached inside the epoch
+        run.epoch, run.rounds = run.epoch + 1, 0
+        if (cfg.validation_prompts and cfg.validation_epochs and run.epoch % cfg.validation_epochs == 0
+                and accelerator.is_main_process):
+            render_validation(run.models.frozen, run.models.transformer, run.ema, cfg, run.global_step,
+                              run.output_dir)
+
+
+def train_epoch(run: TrainingRun, result: TrainResult, progress) -> bool:
+    """The rest of epoch ``run.epoch``, from its batch ``run.rounds`` on. Returns False when the run reached
+    ``max_train_steps`` inside it, True when its batches ran out. Raises DataError when a whole epoch yields no
+    batch."""
+    sampler, accelerator = run.data.sampler, run.accelerator
+    sampler.set_epoch(run.epoch, skip_rounds=run.rounds)
+    batches_this_pass = 0
+    for batch in run.data.loader:
+        batches_this_pass += 1
+        track_data_health(run, batch)
+        if run.global_step == 0 and batches_this_pass == 1 and not run.resumed and accelerator.is_main_process:
+            write_sanity_check(batch, run.output_dir / "sanity_check")
+        grad_stats = train_micro_batch(run, batch)
+        if not accelerator.sync_gradients:
+            continue  # more micro-batches to accumulate before the optimizer step
+        complete_optimizer_step(run, result, grad_stats, progress)
+        if run.global_step >= run.data.max_train_steps:
+            return False
+    if batches_this_pass == 0 and run.rounds == 0:
+        raise DataError(f"epoch {run.epoch} produced no batch: no bucket of the readable entries fills a batch of "
+                        f"{run.cfg.train_batch_size}; {run.data.health.summary()}")
+    return True
+
+
+def track_data_health(run: TrainingRun, batch: dict) -> None:
+    """Count the batch's file reads and failures (and the entries the sampler could not size); raise DataError
+    when too many reads failed. The decision uses the counts of all processes, so every rank stops together."""
+    health, sampler = run.data.health, run.data.sampler
+    health.record(batch["failures"] + sampler.failures, successes=batch["reads"])
+    sampler.failures.clear()
+    totals = run.accelerator.reduce(torch.tensor([health.reads, health.failures], device=run.device), "sum")
+    health.check(int(totals[0]), int(totals[1]))
+
+
+def train_micro_batch(run: TrainingRun, batch: dict) -> dict:
+    """Forward and backward of one micro-batch under accelerate's gradient accumulation; on the micro-batch that
+    completes an optimizer step, clip the gradients (DeepSpeed clips them itself) and step the optimizer. Adds
+    the loss, averaged over processes, to ``run.loss_sum``. Returns the gradient statistics to log: empty unless
+    this call clipped."""
+    accelerator, models = run.accelerator, run.models
+    grad_stats = {}
+    run.model.train()
+    with accelerator.accumulate(run.model):
+        if models.distillation is not None:
+            loss = compute_lcm_loss(run.model, models.transformer, models.lora_network, models.frozen,
+                                    models.distillation, batch, run.cfg, run.device, run.weight_dtype)
         else:
-            if batches_this_pass == 0 and rounds == 0:
-                raise DataError(f"epoch {epoch} produced no batch: no bucket of the readable entries fills a batch of "
-                                f"{cfg.train_batch_size}; {health.summary()}")
-            epoch, rounds = epoch + 1, 0
-            if (cfg.validation_prompts and cfg.validation_epochs and epoch % cfg.validation_epochs == 0
-                    and accelerator.is_main_process):
-                render_validation(frozen, transformer, ema, cfg, global_step, output_dir)
+            loss = compute_loss(run.model, models.transformer, models.frozen, models.objective, batch, run.cfg,
+                                run.device, run.weight_dtype)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and not run.use_deepspeed:
+            grad_stats = clip_gradients(run)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.rounds += 1
+    run.loss_sum += accelerator.gather(loss.detach()[None]).mean().item()
+    run.micro_batches += 1
+    return grad_stats
 
-    # --- the end: final checkpoint (if the last step was not one), EMA weights into the model
-    if global_step % cfg.checkpointing_steps:
-        save(global_step, epoch, rounds)
-    if ema is not None:
-        ema.copy_to(transformer.parameters())
-    result.global_step = global_step
-    result.data_summary = health.summary()
-    accelerator.print(result.data_summary)
-    accelerator.end_training()
+
+def clip_gradients(run: TrainingRun) -> dict:
+    """Clip the accumulated gradients: full fine-tunes at the adaptive clip value, LoRA at ``max_grad_norm``.
+    Returns ``grad_norm`` (measured before clipping) and, with ``--report_model_info``, ``grad_clip`` and, for a
+    norm over 1 after the clip warm-up, the 10 largest per-parameter norms as ``grad_norms``."""
+    cfg = run.cfg
+    norm = float(run.accelerator.clip_grad_norm_(run.trainable, float("inf")))  # unscale + measure only
+    clip = cfg.max_grad_norm if cfg.lora else adaptive_clip_norm(run.global_step, norm, cfg)
+    grad_stats = {"grad_norm": norm}
+    if cfg.report_model_info:
+        grad_stats["grad_clip"] = clip
+        if norm > 1 and run.global_step >= cfg.abnormal_norm_clip_start:
+            grad_stats["grad_norms"] = largest_grad_norms(run.trainable, run.trainable_names)
+    torch.nn.utils.clip_grad_norm_(run.trainable, clip)
+    return grad_stats
+
+
+def complete_optimizer_step(run: TrainingRun, result: TrainResult, grad_stats: dict, progress) -> None:
+    """After the optimizer stepped: advance the LR schedule, the step counter and the EMA, record and log the
+    step's loss (the mean of its micro-batches), and every ``checkpointing_steps`` / ``validation_steps`` save a
+    checkpoint / render validation samples."""
+    cfg = run.cfg
+    run.lr_scheduler.step()
+    run.global_step += 1
+    if run.ema is not None:
+        run.ema.step(run.models.transformer.parameters())
+    step_loss = run.loss_sum / run.micro_batches
+    run.loss_sum, run.micro_batches = 0.0, 0
+    result.losses.append((run.global_step, step_loss))
+    log_step(run, step_loss, grad_stats, progress)
+    if run.global_step % cfg.checkpointing_steps == 0:
+        save_training_checkpoint(run)
+    if cfg.validation_prompts and run.global_step % cfg.validation_steps == 0 and run.accelerator.is_main_process:
+        render_validation(run.models.frozen, run.models.transformer, run.ema, cfg, run.global_step, run.output_dir)
+
+
+def log_step(run: TrainingRun, step_loss: float, grad_stats: dict, progress) -> None:
+    """One line of ``train_log.jsonl`` (step, loss, learning rate and ``grad_stats``; main process), the same as
+    tracker scalars, and the progress bar."""
+    accelerator = run.accelerator
+    lr = run.lr_scheduler.get_last_lr()[0]
+    record = {"step": run.global_step, "loss": step_loss, "lr": lr, **grad_stats}
+    scalars = {k: v for k, v in record.items() if k in ("lr", "grad_norm", "grad_clip")}
+    scalars.update({f"grad_norm/{k}": v for k, v in record.get("grad_norms", {}).items()})
+    accelerator.log({"train_loss": step_loss, **scalars}, step=run.global_step)
+    if accelerator.is_main_process:
+        with open(run.output_dir / "train_log.jsonl", "a") as log_file:
+            log_file.write(json.dumps(record) + "\n")
+    progress.update(1)
+    progress.set_postfix(step_loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+
+
+def finish(run: TrainingRun, result: TrainResult) -> TrainResult:
+    """The end of the run: a final checkpoint unless the last step just wrote one, the EMA weights into the
+    transformer, the data-health summary into ``result``, the trackers closed."""
+    if run.global_step % run.cfg.checkpointing_steps:
+        save_training_checkpoint(run)
+    if run.ema is not None:
+        run.ema.copy_to(run.models.transformer.parameters())
+    result.global_step = run.global_step
+    result.data_summary = run.data.health.summary()
+    run.accelerator.print(result.data_summary)
+    run.accelerator.end_training()
     return result
 
 

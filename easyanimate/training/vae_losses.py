@@ -1,6 +1,6 @@
 """Losses for training the video VAE: reconstruction, LPIPS, KL and a 2D + 3D hinge GAN.
 
-What the original (``LPIPSWithDiscriminator`` in its VAE training code, spec vae.md §6) computes, per batch of
+What the original (``LPIPSWithDiscriminator`` in its VAE training code) computes, per batch of
 clips ``x`` of shape ``(B, C, T, H, W)`` in [-1, 1] and reconstructions ``x_rec``:
 
 * pixel terms on the ``B*T`` frames: ``l1 * |x - x_rec| + l2 * (x - x_rec)**2`` summed over the pixels, plus
@@ -15,9 +15,9 @@ clips ``x`` of shape ``(B, C, T, H, W)`` in [-1, 1] and reconstructions ``x_rec`
 Two things of the original are deliberately left out:
 
 * its ``nll = rec / exp(logvar) + logvar`` with a learnable scalar ``logvar``: that parameter is in no optimizer,
-  so it stays 0 and ``nll == rec``. We compute ``rec`` directly and keep no dead parameter.
+  so it stays 0 and ``nll == rec``; ``rec`` is computed directly, with no dead parameter.
 * before ``disc_start`` it still runs both discriminators and the adaptive-weight gradients and then multiplies the
-  result by 0; we skip that work (the loss value is the same).
+  result by 0; that work is skipped here (the loss value is the same).
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from ..utils.weights import CheckpointError, load_state_dict_strict, read_weight
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 # Number of 3x3 convs per VGG16 stage; the LPIPS taps sit after the last ReLU of each stage.
 VGG16_CONVS_PER_STAGE = (2, 2, 3, 3, 3)
-# Prefixes under which LPIPS weights are found in other files: the original's VAE training checkpoints (and
-# probably the released VAE safetensors, see spec §1) carry them as ``loss.perceptual_loss.*``.
+# Prefixes under which LPIPS weights are found in other files: the original's VAE training checkpoints carry them
+# as ``loss.perceptual_loss.*``, and probably the released VAE safetensors too (they are about 21 M parameters
+# larger than the VAE: LPIPS-VGG16 14.7 M plus the two discriminators).
 LPIPS_KEY_PREFIXES = ("loss.perceptual_loss.", "perceptual_loss.")
 
 
@@ -355,7 +356,7 @@ class LossWeights:
 
 
 class VAELoss(nn.Module):
-    """All loss terms of VAE training (spec vae.md §6). Holds the frozen LPIPS network and the trainable
+    """All loss terms of VAE training. Holds the frozen LPIPS network and the trainable
     discriminators; the VAE itself is passed in by the trainer."""
 
     def __init__(self, weights: LossWeights, discriminators: Discriminators | None, lpips: LPIPS | None = None):

@@ -1,4 +1,4 @@
-"""Training the video VAE with accelerate (spec vae.md §6).
+"""Training the video VAE with accelerate.
 
 One step, for ``gradient_accumulation_steps`` micro-batches (each all images (T = 1) or all clips):
 
@@ -8,9 +8,8 @@ One step, for ``gradient_accumulation_steps`` micro-batches (each all images (T 
 2. discriminator step (from ``disc_start`` on): hinge loss of the 2D and 3D discriminators on the real
    micro-batches and their reconstructions of step 1; Adam step on the mean gradient.
 
-Unlike the original (PyTorch Lightning), step 2 reuses the reconstructions of step 1 instead of running the whole
-VAE a second time; the discriminator then sees the reconstructions of the weights before the step-1 update rather
-than after it, a one-step lag that saves a third of the compute once the GAN is on.
+Unlike the original, step 2 reuses the reconstructions of step 1 (made before the step-1 update, a one-step lag)
+instead of running the VAE again, which saves a third of the compute once the GAN is on.
 
 Randomness (data crops, posterior noise) is keyed by the micro-batch, so a resumed run continues exactly as the
 uninterrupted one. Output: checkpoints ``output_dir/checkpoint-{step}`` (each with a ``vae/`` folder) and the final
@@ -45,12 +44,11 @@ from .vae_losses import LPIPS, Discriminators, LossWeights, VAELoss
 logger = logging.getLogger(__name__)
 
 TRAIN_MODES = ("full", "decoder_only", "encoder_only")
+MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 class VAEConfigError(ValueError):
     """A VAE training setting is missing, unknown or out of range."""
-
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 @dataclass
@@ -120,6 +118,7 @@ class VAETrainConfig:
     seed: int = 23
 
     def validate(self) -> None:
+        """Raise VAEConfigError naming the first setting that is missing, unknown or out of range."""
         if (self.pretrained_vae is None) == (self.vae_config is None):
             raise VAEConfigError(
                 "give exactly one of pretrained_vae (a VAE folder to fine-tune) or vae_config (a config.json)"
@@ -180,6 +179,8 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
 
 
 def build_vae(cfg: VAETrainConfig):
+    """The VAE to train: random weights from ``vae_config``, or the ``pretrained_vae`` folder (the model root or
+    its ``vae/`` folder)."""
     from ..models.vae import AutoencoderKLMagvit
 
     if cfg.vae_config is not None:
@@ -209,6 +210,8 @@ def select_trainable(vae: nn.Module, mode: str) -> tuple[list[nn.Parameter], nn.
 
 
 def build_loss(cfg: VAETrainConfig) -> VAELoss:
+    """The loss terms with the configured weights: LPIPS loaded from ``lpips_weights`` when the perceptual weight
+    is on, and new discriminators when the GAN weight is on."""
     weights = LossWeights(
         l1=cfg.l1_weight,
         l2=cfg.l2_weight,
@@ -248,6 +251,7 @@ class Reconstruct(nn.Module):
 
 
 def make_dataloader(cfg: VAETrainConfig, frame_multiple: int, start_batch: int, rank: int, world: int):
+    """The endless stream of this process's batches of the training entries, from its batch ``start_batch`` on."""
     entries = load_metadata(cfg.train_data_meta, cfg.train_data_dir)
     dataset = VAEDataset(
         entries,
@@ -382,32 +386,102 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The loop
+# The run
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class VAERun:
+    """Everything the steps of a VAE run share, and ``step``, the optimizer steps done. ``reconstruct`` and
+    ``discriminators`` are the modules as accelerate prepared them (wrapped for DDP), ``vae`` and ``disc`` the
+    modules inside; ``history`` and ``validation`` collect what :class:`TrainResult` returns."""
+
+    cfg: VAETrainConfig
+    accelerator: Any
+    output_dir: Path
+    reconstruct: nn.Module
+    discriminators: nn.Module | None
+    opt_ae: torch.optim.Optimizer
+    opt_disc: torch.optim.Optimizer | None
+    vae: nn.Module
+    disc: nn.Module | None
+    last_layer: nn.Parameter  # where the adaptive GAN weight compares gradients
+    loss_fn: VAELoss
+    ema: Any | None  # diffusers EMAModel of the VAE (use_ema)
+    frame_multiple: int  # clip lengths must be a multiple of the VAE's encoder chunk
+    validation_set: VAEDataset | None
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    validation: list[dict[str, float]] = field(default_factory=list)
+
+
 def train(cfg: VAETrainConfig) -> TrainResult:
+    """Train the VAE as ``cfg`` says, continuing from ``resume_from_checkpoint`` when given, and save it as
+    ``output_dir/vae``. Raises VAEConfigError for unusable settings, and KeyboardInterrupt after saving a
+    checkpoint when the run was asked to stop (Ctrl-C / SIGTERM)."""
+    cfg.validate()
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(cfg.seed)  # initial weights of the discriminators (and of a VAE built from a config)
+    run = build_run(cfg, accelerator)
+    resume_from_checkpoint(run)
+    # the sampler skips the micro-batches of the steps already done, without reading them
+    loader = make_dataloader(cfg, run.frame_multiple, run.step * cfg.gradient_accumulation_steps,
+                             accelerator.process_index, accelerator.num_processes)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("vae", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+    train_steps(run, iter(loader))
+    return finish(run)
+
+
+def make_accelerator(cfg: VAETrainConfig):
+    """The run's ``Accelerator`` (mixed precision, TensorBoard under ``output_dir/logging_dir``). Raises
+    VAEConfigError for mixed precision on the CPU, checked before the Accelerator exists because its
+    mixed-precision setting cannot be changed afterwards."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration
-    from diffusers.training_utils import EMAModel
 
-    cfg.validate()
     if cfg.mixed_precision != "no" and PartialState().device.type == "cpu":
-        # Checked before the Accelerator exists: its mixed-precision setting cannot be changed afterwards.
         raise VAEConfigError(
             f"mixed_precision={cfg.mixed_precision} on the CPU: PyTorch's CPU Conv3d backward returns inf/NaN "
             "under bf16 autocast (seen with torch 2.13), which breaks the VAE on the first step. Train in fp32 "
             "(mixed_precision: no) on the CPU, or use a GPU."
         )
     output_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(
+    return Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
     )
-    device = accelerator.device
-    torch.manual_seed(cfg.seed)  # initial weights of the discriminators (and of a VAE built from a config)
 
+
+def build_run(cfg: VAETrainConfig, accelerator) -> VAERun:
+    """The run at step 0: the VAE in training mode with what trains selected, the losses (with the
+    discriminators), the optimizers prepared by accelerate, the EMA and the validation set."""
+    from diffusers.training_utils import EMAModel
+
+    device = accelerator.device
+    vae, frame_multiple = prepare_vae(cfg)
+    trainable, last_layer = select_trainable(vae, cfg.train_mode)
+    loss_fn = build_loss(cfg).to(device)
+    reconstruct, discriminators, opt_ae, opt_disc = build_optimizers(cfg, accelerator, vae, trainable,
+                                                                     loss_fn.discriminators)
+    vae_module = accelerator.unwrap_model(reconstruct).vae
+    disc_module = accelerator.unwrap_model(discriminators) if discriminators is not None else None
+    ema = None
+    if cfg.use_ema:
+        # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n, the warm-up of LDM's LitEma. The
+        # original decays at 0.9999 after every batch; whether it warms up is not known.
+        ema = EMAModel(vae_module.parameters(), decay=cfg.ema_decay)
+        ema.to(device)
+    validation_set = validation_dataset(cfg, frame_multiple) if cfg.validation_steps else None
+    return VAERun(cfg, accelerator, Path(cfg.output_dir), reconstruct, discriminators, opt_ae, opt_disc, vae_module,
+                  disc_module, last_layer, loss_fn, ema, frame_multiple, validation_set)
+
+
+def prepare_vae(cfg: VAETrainConfig) -> tuple[nn.Module, int]:
+    """The VAE to train, in training mode (with gradient checkpointing when asked), and its encoder chunk length
+    in frames. Raises VAEConfigError when ``video_len`` is no multiple of that chunk or the VAE cannot
+    checkpoint gradients."""
     vae = build_vae(cfg)
     frame_multiple = int(getattr(vae.config, "mini_batch_encoder", 8))
     try:
@@ -419,10 +493,14 @@ def train(cfg: VAETrainConfig) -> TrainResult:
             raise VAEConfigError("gradient_checkpointing: this VAE implementation does not support it; turn it off")
         vae.enable_gradient_checkpointing()
     vae.train()
-    trainable, last_layer = select_trainable(vae, cfg.train_mode)
-    loss_fn = build_loss(cfg).to(device)
-    discriminators = loss_fn.discriminators
+    return vae, frame_multiple
 
+
+def build_optimizers(cfg: VAETrainConfig, accelerator, vae: nn.Module, trainable: list[nn.Parameter],
+                     discriminators: nn.Module | None):
+    """Adam for the autoencoder's ``trainable`` parameters and, with a GAN, for the discriminators, at
+    ``learning_rate`` (times the global batch with ``scale_lr``). Returns ``(reconstruct, discriminators,
+    opt_ae, opt_disc)`` as accelerate prepared them; ``discriminators`` and ``opt_disc`` are None without a GAN."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     learning_rate = cfg.learning_rate
     if cfg.scale_lr:
@@ -431,165 +509,201 @@ def train(cfg: VAETrainConfig) -> TrainResult:
                     cfg.learning_rate, cfg.batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes)
     opt_ae = torch.optim.Adam(trainable, lr=learning_rate, betas=betas)
     reconstruct = Reconstruct(vae)
-    if discriminators is not None:
-        opt_disc = torch.optim.Adam(discriminators.parameters(), lr=learning_rate, betas=betas)
-        reconstruct, discriminators, opt_ae, opt_disc = accelerator.prepare(
-            reconstruct, discriminators, opt_ae, opt_disc
-        )
-    else:
-        opt_disc = None
+    if discriminators is None:
         reconstruct, opt_ae = accelerator.prepare(reconstruct, opt_ae)
-    vae_module = accelerator.unwrap_model(reconstruct).vae
-    disc_module = accelerator.unwrap_model(discriminators) if discriminators is not None else None
+        return reconstruct, None, opt_ae, None
+    opt_disc = torch.optim.Adam(discriminators.parameters(), lr=learning_rate, betas=betas)
+    reconstruct, discriminators, opt_ae, opt_disc = accelerator.prepare(reconstruct, discriminators, opt_ae, opt_disc)
+    return reconstruct, discriminators, opt_ae, opt_disc
 
-    ema = None
-    if cfg.use_ema:
-        # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n, the warm-up of LDM's LitEma. The
-        # spec records only the original's decay (0.9999, every batch), not whether its callback warms up.
-        ema = EMAModel(vae_module.parameters(), decay=cfg.ema_decay)
-        ema.to(device)
 
-    @contextlib.contextmanager
-    def ema_weights():
-        """Inside the block the VAE holds the EMA weights when EMA is on (else nothing changes)."""
-        params = list(vae_module.parameters())
-        if ema is not None:
-            ema.store(params)
-            ema.copy_to(params)
-        try:
-            yield
-        finally:
-            if ema is not None:
-                ema.restore(params)
+@contextlib.contextmanager
+def ema_weights(run: VAERun):
+    """Inside the block the VAE holds the EMA weights when EMA is on (else nothing changes)."""
+    params = list(run.vae.parameters())
+    if run.ema is not None:
+        run.ema.store(params)
+        run.ema.copy_to(params)
+    try:
+        yield
+    finally:
+        if run.ema is not None:
+            run.ema.restore(params)
 
-    def save_vae(folder: Path) -> None:
-        """Write ``folder/vae``: the EMA weights when EMA is on (they are also what a resume restores the EMA
-        from), else the trained weights."""
-        with ema_weights():
-            vae_module.save_pretrained(str(folder / "vae"), safe_serialization=True)
 
-    validation_set = validation_dataset(cfg, frame_multiple) if cfg.validation_steps else None
-    validation: list[dict[str, float]] = []
+def save_vae(run: VAERun, folder: Path) -> None:
+    """Write ``folder/vae``: the EMA weights when EMA is on (they are also what a resume restores the EMA from),
+    else the trained weights."""
+    with ema_weights(run):
+        run.vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
 
-    def run_validation(step: int) -> None:
-        if accelerator.is_main_process:
-            with ema_weights():
-                metrics = validate_reconstruction(vae_module, validation_set, loss_fn.lpips, accelerator.autocast)
-            accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
-            logger.info("step %d validation (%d items): %s", step, len(validation_set),
-                        ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            validation.append({**metrics, "step": step})
-        accelerator.wait_for_everyone()
 
-    start_step = 0
-    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
-    if resume is not None:
-        state = load_checkpoint(accelerator, resume)
-        start_step = int(state["step"])
-        if ema is not None:
-            restore_ema(ema, vae_module, resume / "vae", start_step if state.get("ema") else None)
-        logger.info("resumed from %s at step %d", resume, start_step)
-        if start_step >= cfg.max_train_steps:
-            logger.info("nothing to do: the checkpoint is at step %d >= max_train_steps", start_step)
-    checkpoint_state = {"ema": ema is not None}
+def resume_from_checkpoint(run: VAERun) -> None:
+    """With ``resume_from_checkpoint``: restore the optimizers, models and RNG states, the step and the EMA from
+    the checkpoint; without one, or with ``latest`` and no checkpoint yet, leave the run at step 0."""
+    checkpoint = resolve_resume(run.output_dir, run.cfg.resume_from_checkpoint)
+    if checkpoint is None:
+        return
+    state = load_checkpoint(run.accelerator, checkpoint)
+    run.step = int(state["step"])
+    if run.ema is not None:
+        restore_ema(run.ema, run.vae, checkpoint / "vae", run.step if state.get("ema") else None)
+    logger.info("resumed from %s at step %d", checkpoint, run.step)
+    if run.step >= run.cfg.max_train_steps:
+        logger.info("nothing to do: the checkpoint is at step %d >= max_train_steps", run.step)
 
-    accum = cfg.gradient_accumulation_steps
-    loader = make_dataloader(cfg, frame_multiple, start_step * accum, accelerator.process_index,
-                             accelerator.num_processes)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("vae", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
-    history: list[dict[str, float]] = []
-    step = start_step
+def save_training_checkpoint(run: VAERun) -> None:
+    """Write ``checkpoint-{step}`` (call on every process): accelerate's state, ``vae/`` and whether EMA was on."""
+    save_checkpoint(run.accelerator, run.output_dir, run.step, keep_last=run.cfg.checkpoints_total_limit,
+                    save_model_fn=lambda folder: save_vae(run, folder), extra={"ema": run.ema is not None})
+
+
+def train_steps(run: VAERun, batches) -> None:
+    """Optimizer steps until ``max_train_steps``, each followed by logging, validation and a checkpoint as
+    configured. A stop request (Ctrl-C / SIGTERM on any process) ends the step, saves a checkpoint on every
+    process and raises KeyboardInterrupt."""
+    cfg, accelerator = run.cfg, run.accelerator
     progress = tqdm(
-        total=cfg.max_train_steps, initial=start_step, desc="VAE steps", disable=not accelerator.is_local_main_process
+        total=cfg.max_train_steps, initial=run.step, desc="VAE steps", disable=not accelerator.is_local_main_process
     )
-    batches = iter(loader)
     with StopRequest() as stop:
-        while step < cfg.max_train_steps:
-            disc_on = loss_fn.disc_active(step)
-            micro_logs, kinds, reconstructed = [], [], []
-
-            # 1. autoencoder: the mean gradient of ``accum`` micro-batches (gradients synchronised across
-            #    processes only on the last one)
-            opt_ae.zero_grad(set_to_none=True)
-            for micro in range(accum):
-                batch = next(batches)
-                pixels = batch["pixels"].to(device)
-                kinds.append(batch["type"])
-                last = micro == accum - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(reconstruct):
-                    with accelerator.autocast():
-                        # keyed by micro-batch: with one micro-batch per step the key is the step, as before
-                        noise_key = (cfg.seed, POSTERIOR, step * accum + micro, accelerator.process_index)
-                        reconstruction, mean, logvar = reconstruct(pixels, noise_key)
-                        if disc_module is not None:
-                            disc_module.requires_grad_(False)  # the GAN term must not train the discriminators
-                        loss, logs = loss_fn.generator_loss(pixels, reconstruction, mean, logvar, step, last_layer,
-                                                            disc_module)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"step {step}: the VAE loss is {loss.item()} "
-                            f"({ {k: float(v) for k, v in logs.items()} }); "
-                            "lower the learning rate, or use bf16 / fp32 instead of fp16"
-                        )
-                    accelerator.backward(loss / accum)
-                micro_logs.append(logs)
-                if disc_on or last:  # the discriminators train on every micro-batch; the image log shows the last
-                    reconstructed.append((pixels, reconstruction.detach()))
-            opt_ae.step()
-            if ema is not None:
-                ema.step(vae_module.parameters())
-
-            # 2. discriminators, on the same micro-batches and their reconstructions
-            if disc_on:
-                disc_module.requires_grad_(True)
-                opt_disc.zero_grad(set_to_none=True)
-                for micro, (real, fake) in enumerate(reconstructed):
-                    with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(discriminators):
-                        with accelerator.autocast():
-                            d_loss, d_logs = loss_fn.discriminator_loss(real, fake, discriminators)
-                        accelerator.backward(d_loss / accum)
-                    micro_logs[micro] = {**micro_logs[micro], **d_logs}
-                opt_disc.step()
-            logs = {key: sum(float(m[key]) for m in micro_logs) / accum for key in micro_logs[0]}
-            logs["lr"] = opt_ae.param_groups[0]["lr"]
-            pixels, reconstruction = reconstructed[-1]
-
-            step += 1
+        while run.step < cfg.max_train_steps:
+            logs, kinds, (pixels, reconstruction) = train_step(run, batches)
+            run.step += 1
             progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_train_steps:
-                record = {k: float(v) for k, v in logs.items()}
-                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=step)
-                progress.set_postfix(rec=f"{record['rec_loss']:.4f}", kl=f"{record['kl_loss']:.1f}")
-                history.append({**record, "step": step, "batch_type": "+".join(sorted(set(kinds)))})
-            if accelerator.is_main_process and (step % cfg.image_log_every == 0 or step == cfg.max_train_steps):
-                writer = accelerator.get_tracker("tensorboard", unwrap=True)
-                grid = reconstruction_grid(pixels, reconstruction.detach())
-                writer.add_image(f"reconstruction/{kinds[-1]}", grid, step)
-            if cfg.validation_steps and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
-                run_validation(step)
+            log_step(run, logs, kinds, pixels, reconstruction, progress)
+            if cfg.validation_steps and (run.step % cfg.validation_steps == 0 or run.step == cfg.max_train_steps):
+                run_validation(run)
             stopping = stop.agreed(accelerator)
-            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or stopping:
-                save_checkpoint(
-                    accelerator, output_dir, step, keep_last=cfg.checkpoints_total_limit, save_model_fn=save_vae,
-                    extra=checkpoint_state,
-                )
+            if run.step % cfg.checkpointing_steps == 0 or run.step == cfg.max_train_steps or stopping:
+                save_training_checkpoint(run)
             if stopping:
                 progress.close()
                 accelerator.end_training()
-                raise KeyboardInterrupt(f"stopped at step {step}; resume with --resume_from_checkpoint latest")
+                raise KeyboardInterrupt(f"stopped at step {run.step}; resume with --resume_from_checkpoint latest")
     progress.close()
 
-    if ema is not None:
-        ema.copy_to(vae_module.parameters())  # the result of an EMA run is the EMA model
-    vae_dir = output_dir / "vae"
+
+def train_step(run: VAERun, batches) -> tuple[dict[str, float], list[str], tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step of the autoencoder and, once the GAN is on, one of the discriminators on the same
+    micro-batches. Returns the logs averaged over the micro-batches (plus the learning rate), the micro-batches'
+    kinds, and the last micro-batch's pixels with their reconstruction."""
+    disc_on = run.loss_fn.disc_active(run.step)
+    micro_logs, kinds, reconstructed = autoencoder_step(run, batches, disc_on)
+    if disc_on:
+        discriminator_step(run, reconstructed, micro_logs)
+    accum = run.cfg.gradient_accumulation_steps
+    logs = {key: sum(float(m[key]) for m in micro_logs) / accum for key in micro_logs[0]}
+    logs["lr"] = run.opt_ae.param_groups[0]["lr"]
+    return logs, kinds, reconstructed[-1]
+
+
+def autoencoder_step(run: VAERun, batches, disc_on: bool) -> tuple[list[dict], list[str], list[tuple]]:
+    """Adam step of the autoencoder on the mean gradient of ``gradient_accumulation_steps`` micro-batches
+    (gradients synchronised across processes only on the last), then the EMA update. Returns each micro-batch's
+    logs and kind, and ``(pixels, reconstruction)`` of every micro-batch when ``disc_on`` (the discriminators
+    train on them), else of the last one only (for the image log)."""
+    accelerator, accum = run.accelerator, run.cfg.gradient_accumulation_steps
+    micro_logs, kinds, reconstructed = [], [], []
+    run.opt_ae.zero_grad(set_to_none=True)
+    for micro in range(accum):
+        batch = next(batches)
+        pixels = batch["pixels"].to(accelerator.device)
+        kinds.append(batch["type"])
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.reconstruct):
+            reconstruction, logs = autoencoder_backward(run, pixels, micro)
+        micro_logs.append(logs)
+        if disc_on or last:
+            reconstructed.append((pixels, reconstruction.detach()))
+    run.opt_ae.step()
+    if run.ema is not None:
+        run.ema.step(run.vae.parameters())
+    return micro_logs, kinds, reconstructed
+
+
+def autoencoder_backward(run: VAERun, pixels: torch.Tensor, micro: int) -> tuple[torch.Tensor, dict]:
+    """Reconstruct micro-batch ``micro`` of the current step and backpropagate its generator loss divided by the
+    micro-batch count. Returns the reconstruction and the loss terms. Raises FloatingPointError on a non-finite
+    loss."""
+    accelerator, accum = run.accelerator, run.cfg.gradient_accumulation_steps
+    with accelerator.autocast():
+        # the posterior noise is keyed by the micro-batch's number in the run and the process
+        noise_key = (run.cfg.seed, POSTERIOR, run.step * accum + micro, accelerator.process_index)
+        reconstruction, mean, logvar = run.reconstruct(pixels, noise_key)
+        if run.disc is not None:
+            run.disc.requires_grad_(False)  # the GAN term must not train the discriminators
+        loss, logs = run.loss_fn.generator_loss(pixels, reconstruction, mean, logvar, run.step, run.last_layer,
+                                                run.disc)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"step {run.step}: the VAE loss is {loss.item()} "
+            f"({ {k: float(v) for k, v in logs.items()} }); "
+            "lower the learning rate, or use bf16 / fp32 instead of fp16"
+        )
+    accelerator.backward(loss / accum)
+    return reconstruction, logs
+
+
+def discriminator_step(run: VAERun, reconstructed: list[tuple], micro_logs: list[dict]) -> None:
+    """Adam step of the discriminators on the mean hinge loss over the real micro-batches and their
+    reconstructions; each micro-batch's discriminator terms are added to its entry of ``micro_logs``."""
+    accelerator, accum = run.accelerator, run.cfg.gradient_accumulation_steps
+    run.disc.requires_grad_(True)
+    run.opt_disc.zero_grad(set_to_none=True)
+    for micro, (real, fake) in enumerate(reconstructed):
+        with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(run.discriminators):
+            with accelerator.autocast():
+                d_loss, d_logs = run.loss_fn.discriminator_loss(real, fake, run.discriminators)
+            accelerator.backward(d_loss / accum)
+        micro_logs[micro] = {**micro_logs[micro], **d_logs}
+    run.opt_disc.step()
+
+
+def log_step(run: VAERun, logs: dict, kinds: list[str], pixels: torch.Tensor, reconstruction: torch.Tensor,
+             progress) -> None:
+    """Every ``log_every`` steps (and at the last): the logs to the tracker, the progress bar and
+    ``run.history``; every ``image_log_every`` steps (and at the last, main process): a reconstruction grid."""
+    cfg, accelerator, step = run.cfg, run.accelerator, run.step
+    if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+        record = {k: float(v) for k, v in logs.items()}
+        accelerator.log({f"train/{k}": v for k, v in record.items()}, step=step)
+        progress.set_postfix(rec=f"{record['rec_loss']:.4f}", kl=f"{record['kl_loss']:.1f}")
+        run.history.append({**record, "step": step, "batch_type": "+".join(sorted(set(kinds)))})
+    if accelerator.is_main_process and (step % cfg.image_log_every == 0 or step == cfg.max_train_steps):
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        grid = reconstruction_grid(pixels, reconstruction.detach())
+        writer.add_image(f"reconstruction/{kinds[-1]}", grid, step)
+
+
+def run_validation(run: VAERun) -> None:
+    """Reconstruction metrics of the validation set at the current step (main process, with the EMA weights when
+    EMA is on), logged and appended to ``run.validation``; every process waits for it."""
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        with ema_weights(run):
+            metrics = validate_reconstruction(run.vae, run.validation_set, run.loss_fn.lpips, accelerator.autocast)
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=run.step)
+        logger.info("step %d validation (%d items): %s", run.step, len(run.validation_set),
+                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        run.validation.append({**metrics, "step": run.step})
+    accelerator.wait_for_everyone()
+
+
+def finish(run: VAERun) -> TrainResult:
+    """Put the EMA weights into the VAE (the result of an EMA run is the EMA model), write ``output_dir/vae``
+    (main process) and end the trackers."""
+    accelerator = run.accelerator
+    if run.ema is not None:
+        run.ema.copy_to(run.vae.parameters())
+    vae_dir = run.output_dir / "vae"
     if accelerator.is_main_process:
         # Write next to the destination and rename, so a crash never leaves a half-written vae/ folder.
-        partial = output_dir / "vae.partial"
+        partial = run.output_dir / "vae.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        save_vae(partial)
+        save_vae(run, partial)
         if vae_dir.exists():
             shutil.rmtree(vae_dir)
         os.replace(partial / "vae", vae_dir)
@@ -597,4 +711,4 @@ def train(cfg: VAETrainConfig) -> TrainResult:
         logger.info("saved the trained VAE to %s", vae_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(vae=vae_module.eval(), vae_dir=vae_dir, history=history, validation=validation)
+    return TrainResult(vae=run.vae.eval(), vae_dir=vae_dir, history=run.history, validation=run.validation)
