@@ -1,40 +1,25 @@
-"""One EasyAnimate V4 pipeline for text-to-video, text-to-image, image-to-video and video-to-video.
-
-The original ships four pipeline classes; the V4 "InP" model only ever runs the inpaint one, and text-to-video is
-the inpaint pipeline with an all-zero conditioning video and an all-255 ("generate everything") mask. This module
-reproduces that pipeline's numerics (spec ``transformer_pipeline.md`` §4) with one class:
+"""The EasyAnimate V4 pipeline: text-to-video, text-to-image, image-to-video and video-to-video in one class.
 
     pipe = EasyAnimatePipeline.from_pretrained("models/EasyAnimateV4-XL-2-InP")
     video = pipe("a cat", height=384, width=672, video_length=48).videos      # (B, 3, F, H, W) in [0, 1]
 
-Order of work in ``__call__`` (each step is a method below so it can be checked on its own):
-validate inputs -> encode prompts (BERT 77 tokens, mT5 256 tokens with the 140-token round trip) -> timesteps
-(truncated by ``strength``) -> initial latents -> inpaint latents (VAE encodes of mask and masked video) -> CLIP
-image tokens -> RoPE / meta-size / style -> denoising loop with classifier-free guidance, all conditioning batched
-with the CFG halves in one transformer call -> VAE decode to [0, 1].
+The V4 "InP" model runs every kind through one inpainting call: text-to-video is an all-zero conditioning video with
+an all-255 ("generate everything") mask, image-to-video keeps the start (and end) frames, video-to-video noises an
+encoded video part of the way (``strength``). One call: check the inputs -> encode the prompts (BERT, mT5) ->
+timesteps (cut by ``strength``) -> initial latents -> step-invariant conditioning (inpaint latents, CLIP image tokens,
+rotary tables, size and style) -> the denoising loop, the classifier-free-guidance rows in one transformer call per
+step -> VAE decode to [0, 1]. Loading a model folder lives in :mod:`easyanimate.inference.loading`, long videos in
+:mod:`easyanimate.inference.long_video`, the request layer every front end uses in :mod:`easyanimate.inference`.
 
-Deliberate differences from the original (each is documented where it happens):
-
-* ``vae_posterior="sample"`` draws the VAE posterior noise from ``generator`` (the original uses the global RNG),
-  so a seeded call is reproducible.
-* ``strength < 1`` together with explicit ``latents``: the original silently ignores the video. Here the video is
-  encoded and noised as usual and the given ``latents`` are used as that noise (see :meth:`prepare_latents`).
-* Sizes and frame counts that the original silently floors are rejected with a message naming the nearest valid
-  values (the CLIs round with a notice before calling); a ``video`` that would be silently ignored is an error.
-* Long videos (:meth:`generate_long_video`) come back with exactly the requested frame count.
-* Sequential CPU offload keeps the Resampler (and the T5 attention pool) offloaded too, instead of pinning it to
-  the GPU; model CPU offload moves each model off the GPU as soon as its stage is done.
+Where this differs from the original, a one-line note says so at the place: seeded VAE posterior samples, ``latents``
+with ``strength < 1``, sizes and frame counts that are rejected instead of floored, offload of the CLIP Resampler.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import json
 import logging
-import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,8 +39,6 @@ from diffusers import (
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from easyanimate.utils.weights import CheckpointError
-
 logger = logging.getLogger(__name__)
 
 # Sampler names as the original's scripts and UI spell them.
@@ -68,18 +51,14 @@ SAMPLERS = {
     "LCM": LCMScheduler,  # for a model with an LCM-LoRA (train.py --lcm_distillation): 2-8 steps, guidance 1
 }
 
-# The original applies these from its V4 yaml on top of transformer/config.json (spec §1.1, §3).
-V4_TRANSFORMER_OVERRIDES = {"basic_block_type": "basic", "after_norm": False, "time_position_encoding": True}
-
 # Modules that read their children's weights without calling them; sequential offload must load them as a whole.
 PRELOAD_MODULE_CLASSES = ["MultiheadAttention", "HunyuanDiTAttentionPool"]
 
-# The released image_encoder/ is a full CLIP checkpoint; only its vision half is run.
-CLIP_UNUSED_PREFIXES = ("text_model.", "text_projection.", "logit_scale", "vision_model.embeddings.position_ids")
-
-T5_ROUND_TRIP_LENGTH = 140  # the original decodes the first 140 T5 ids and tokenizes that text again (spec §4.2)
+# The original decodes the first 140 mT5 ids back to text and tokenizes that text again: it caps a prompt at ~140
+# pieces and normalises it (e.g. full-width punctuation). The released weights were trained on such tokens.
+T5_ROUND_TRIP_LENGTH = 140
 KNOWN_FRAMES = 3  # frames the image-to-video helper marks as known for a start (and an end) image
-DEFAULT_NEGATIVE_PROMPT = ""
+DEFAULT_NEGATIVE_PROMPT = ""  # no negative prompt: what the unconditional row of guidance encodes by default
 
 
 def text_lengths(transformer) -> tuple[int, int]:
@@ -94,66 +73,38 @@ class EasyAnimatePipelineOutput(BaseOutput):
     videos: torch.Tensor
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{what}: {path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{what}: {path} is not valid JSON ({exc})") from exc
+@dataclass
+class StepInputs:
+    """What the transformer is given at every step besides the latents and the timestep: computed once per call.
 
+    Rows are [unconditional, conditional] under classifier-free guidance. ``clip_tokens`` / ``clip_mask`` are None
+    for a text-only model; ``inpaint_latents`` too."""
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers 5 prints a load report for every expected unused key (the BERT pooler, the text half of the CLIP
-    checkpoint); we check the report ourselves, so silence it while loading."""
-    from transformers.utils import logging as hf_logging
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    embeds_2: torch.Tensor
+    mask_2: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    image_meta_size: torch.Tensor
+    style: torch.Tensor
+    inpaint_latents: torch.Tensor | None = None
+    clip_tokens: torch.Tensor | None = None
+    clip_mask: torch.Tensor | None = None
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def _load_hf_model(cls, folder: Path, torch_dtype, allowed_unused: tuple[str, ...] = (), **kwargs):
-    """Load a transformers model strictly: every model key must come from the checkpoint, and checkpoint keys may
-    only be left over if they start with one of ``allowed_unused`` (the parts of a bigger checkpoint we do not run).
-    ``.bin`` files are read by transformers with ``weights_only=True``."""
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{cls.__name__}: no config.json in {folder} (is the model folder complete?)")
-    try:
-        with _quiet_transformers():
-            model, info = cls.from_pretrained(folder, torch_dtype=torch_dtype, output_loading_info=True, **kwargs)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refusing to load {folder}: its .bin file holds pickled objects other than tensors, which could run "
-            "code. Convert it to .safetensors with a tool you trust."
-        ) from exc
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
-    unused = [k for k in info.get("unexpected_keys", ()) if not k.startswith(allowed_unused)]
-    problems = []
-    if info.get("missing_keys"):
-        problems.append(f"missing keys {sorted(info['missing_keys'])[:10]}")
-    if info.get("mismatched_keys"):
-        problems.append(f"keys with the wrong shape {sorted(map(str, info['mismatched_keys']))[:10]}")
-    if unused:
-        problems.append(f"unexpected keys {sorted(unused)[:10]}")
-    if info.get("error_msgs"):
-        problems.append("; ".join(info["error_msgs"]))
-    if problems:
-        raise CheckpointError(f"{folder} does not match {cls.__name__}: " + "; ".join(problems))
-    return model.eval()
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that support it; fp16 otherwise (the VAE then stays fp32, as the original's
-    ``upcast_vae``)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    def transformer_kwargs(self, use_clip: bool) -> dict[str, Any]:
+        """Keyword arguments of the transformer call; ``use_clip`` False gives zero CLIP tokens with mask 0."""
+        kwargs = dict(
+            encoder_hidden_states=self.embeds, text_embedding_mask=self.mask,
+            encoder_hidden_states_t5=self.embeds_2, text_embedding_mask_t5=self.mask_2,
+            image_meta_size=self.image_meta_size, style=self.style, image_rotary_emb=self.rotary,
+        )
+        if self.inpaint_latents is not None:
+            kwargs.update(
+                inpaint_latents=self.inpaint_latents,
+                clip_encoder_hidden_states=self.clip_tokens if use_clip else torch.zeros_like(self.clip_tokens),
+                clip_attention_mask=self.clip_mask if use_clip else torch.zeros_like(self.clip_mask),
+            )
+        return kwargs
 
 
 def _load_pil(image) -> PIL.Image.Image:
@@ -171,7 +122,7 @@ def _pil_to_frame(image: PIL.Image.Image) -> torch.Tensor:
 
 
 def build_image_to_video_inputs(image, end_image, video_length: int, height: int, width: int):
-    """The conditioning the original's image-to-video helper builds (spec §4.5, ``get_image_to_video_latent``).
+    """The conditioning of image-to-video, as the original's ``get_image_to_video_latent`` builds it.
 
     ``image`` is one start image (PIL or path) or a list of k start frames; ``end_image`` likewise (optional).
     Returns ``(video, mask_video, clip_image)``: video (1, 3, F, H, W) float32 in [0, 1] with the start image tiled
@@ -241,6 +192,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
             image_encoder=image_encoder,
             image_processor=image_processor,
         )
+        # the scheduler's own config keys; set_sampler builds every other sampler from them
         self._sampler_config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         self.sampler = next((n for n, c in SAMPLERS.items() if isinstance(scheduler, c)), type(scheduler).__name__)
         self.vae_posterior = "sample"  # "sample" (the original) or "mode" (posterior mean) for conditioning encodes
@@ -248,68 +200,19 @@ class EasyAnimatePipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, model_dir, torch_dtype: torch.dtype | None = None, sampler: str = "Euler", device=None):
-        """Load a model folder in the released layout (spec §1.3).
+        """Load a model folder in the released layout (see :mod:`easyanimate.inference.loading`).
 
-        ``model_index.json`` is read for information only: the released one names HunyuanDiT/AutoencoderKL classes
-        that are not what the folder holds. ``torch_dtype=None`` picks fp32 on CPU, bf16 on GPUs that support it,
-        else fp16 (with the VAE kept in fp32). ``device`` defaults to CUDA when available. Every component is
-        loaded strictly; a missing or broken one raises :class:`CheckpointError` naming its folder.
+        ``torch_dtype=None`` picks fp32 on a CPU, bf16 on GPUs that support it, else fp16 (with the VAE kept in
+        fp32). ``device`` defaults to CUDA when available. Every component is loaded strictly; a missing or broken
+        one raises :class:`~easyanimate.utils.weights.CheckpointError` naming its folder.
         """
-        from easyanimate.models.transformer import HunyuanTransformer3DModel
-        from easyanimate.models.vae import AutoencoderKLMagvit
-        from transformers import BertModel, BertTokenizer, CLIPVisionModelWithProjection, T5EncoderModel, T5Tokenizer
+        from easyanimate.inference.loading import default_dtype, load_components, read_scheduler_config, resolve_device
 
-        try:  # transformers 5: the PIL backend is what the original (transformers 4.44) computed; pin it
-            from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-        except ImportError:
-            from transformers import CLIPImageProcessor
-
-        root = Path(model_dir)
-        if not root.is_dir():
-            raise CheckpointError(f"model folder not found: {root}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(map(repr, SAMPLERS))}")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        dtype = torch_dtype or default_dtype(device)
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAE overflows; the original upcasts
-        index_file = root / "model_index.json"
-        if index_file.is_file():
-            names = _read_json(index_file, "model index").get("_class_name")
-            logger.info("model_index.json names %s (informational only)", names)
-
-        # Models are built in fp32; only cast when needed (diffusers warns on every dtype cast).
-        transformer = _load_transformer(HunyuanTransformer3DModel, root, None if dtype == torch.float32 else dtype)
-        vae = _load_vae(AutoencoderKLMagvit, root, None if vae_dtype == torch.float32 else vae_dtype)
-        text_encoder = _load_hf_model(
-            BertModel, root / "text_encoder", dtype, allowed_unused=("pooler.",), add_pooling_layer=False
-        )
-        text_encoder_2 = _load_hf_model(T5EncoderModel, root / "text_encoder_2", dtype)
-        tokenizer = _load_tokenizer(BertTokenizer, root / "tokenizer")
-        tokenizer_2 = _load_tokenizer(T5Tokenizer, root / "tokenizer_2")
-        scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler")
-        scheduler = _make_scheduler(sampler, scheduler_config)
-
-        image_encoder = image_processor = None
-        if getattr(transformer, "is_inpaint", False):
-            folder = root / "image_encoder"
-            if not folder.is_dir():
-                raise CheckpointError(f"the transformer is an InP (image-to-video) model but {folder} is missing")
-            # The released folder holds a full CLIP checkpoint (model_type "clip"); only its vision half is run.
-            image_encoder = _load_hf_model(
-                CLIPVisionModelWithProjection,
-                folder,
-                dtype,
-                allowed_unused=CLIP_UNUSED_PREFIXES,
-            )
-            image_processor = _load_tokenizer(CLIPImageProcessor, folder)
-
-        pipe = cls(
-            vae, transformer, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler,
-            image_encoder, image_processor,
-        )
-        pipe._sampler_config = scheduler_config
+        device = resolve_device(device)
+        pipe = cls(**load_components(model_dir, torch_dtype or default_dtype(device), sampler))
+        pipe._sampler_config = read_scheduler_config(model_dir)
         return pipe if device.type == "cpu" else pipe.to(device)  # components are loaded on the CPU
 
     # ------------------------------------------------------------------------------------------------ samplers
@@ -317,7 +220,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
         """Choose the sampler by the original's name: "Euler", "Euler A", "DPM++", "PNDM" or "DDIM", or "LCM" for
         a model with an LCM-LoRA. Each is built from the folder's scheduler config; keys a class does not know take
         that class's defaults."""
-        self.scheduler = _make_scheduler(name, self._sampler_config)
+        self.scheduler = make_scheduler(name, self._sampler_config)
         self.sampler = name
 
     # ------------------------------------------------------------------------------------------ memory / speed
@@ -381,8 +284,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------------------------------------- prompts
     @property
-    def _is_inpaint(self) -> bool:
-        return bool(getattr(self.transformer, "is_inpaint", False))
+    def is_inpaint(self) -> bool:
+        """True for the image-to-video (InP) model: it takes inpaint latents and CLIP image tokens."""
+        return bool(self.transformer.is_inpaint)
 
     @property
     def latent_channels(self) -> int:
@@ -394,7 +298,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
         return int(getattr(self.vae.config, "mini_batch_encoder", 8))
 
     def tokenize_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids and masks for both encoders, as the original builds them (spec §4.2).
+        """Token ids and masks for both encoders, as the original builds them.
 
         Lengths are the transformer's ``text_len`` / ``text_len_t5`` (its padding table is built for them; the
         released model: 77 and 256, which the original hard-codes). BERT: padded and truncated. mT5: the original
@@ -485,7 +389,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
             raise ValueError("mask_video was given without video=; the mask marks which pixels of the video to keep")
         if video is not None and video.is_floating_point() and (video.min() < 0 or video.max() > 1):
             raise ValueError(f"video values must lie in [0, 1], got [{video.min():.3g}, {video.max():.3g}]")
-        if not self._is_inpaint:
+        if not self.is_inpaint:
             if clip_image is not None:
                 raise ValueError("clip_image needs the image-to-video (InP) model; this transformer has no CLIP branch")
             if mask_video is not None and bool((mask_video < 0.5).any()):
@@ -518,7 +422,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
 
     def prepare_latents(self, shape, dtype, device, generator, latents, video, latent_timestep):
         """Initial latents. Pure noise (or the given ``latents``) × ``init_noise_sigma``; with a ``latent_timestep``
-        (strength < 1) the encoded video noised to that timestep instead, without the sigma factor (spec §4.5).
+        (strength < 1) the encoded video noised to that timestep instead, without the sigma factor.
 
         With strength < 1 and explicit ``latents`` the original ignores the video (a bug); here ``latents`` is
         used as the noise that is added to the encoded video."""
@@ -627,24 +531,14 @@ class EasyAnimatePipeline(DiffusionPipeline):
             output_type: "pt" (tensor), "np" (numpy array), or "latent" (final latents, not decoded).
             callback_on_step_end: ``fn(pipe, step, timestep, kwargs) -> dict`` after each step; ``kwargs`` holds
                 the tensors named in ``callback_on_step_end_tensor_inputs``; returned entries replace them.
+
+        Every input is checked before any model runs; a bad one raises ``ValueError`` naming it and the fix.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-        negatives = None if negatives is None else list(negatives)
-        if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
+        prompts, negatives = _as_prompt_lists(prompt, negative_prompt)
         if num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
-        if image is not None or end_image is not None:
-            if image is None:
-                raise ValueError("end_image needs a start image= as well")
-            if video is not None or mask_video is not None or clip_image is not None:
-                raise ValueError("give either image=/end_image= or video=/mask_video=/clip_image=, not both")
-            if not self._is_inpaint:
-                raise ValueError("image-to-video (image=) needs the InP model; this transformer has no image input")
-            video, mask_video, clip_image = build_image_to_video_inputs(image, end_image, video_length, height, width)
-        if isinstance(video, torch.Tensor) and video.dtype == torch.uint8:
-            video = video.float() / 255.0  # 8-bit frames
+        video, mask_video, clip_image = self._conditioning_video(image, end_image, video, mask_video, clip_image,
+                                                                 video_length, height, width)
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(
@@ -653,11 +547,8 @@ class EasyAnimatePipeline(DiffusionPipeline):
         self.check_inputs(prompts, negatives, height, width, video_length, num_inference_steps, strength, video,
                           mask_video, clip_image, clip_apply_ratio, output_type)
         if num_videos_per_prompt > 1:
-            prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
-            negatives = None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
-            if video is not None and video.shape[0] > 1:
-                video = video.repeat_interleave(num_videos_per_prompt, dim=0)
-                mask_video = None if mask_video is None else mask_video.repeat_interleave(num_videos_per_prompt, dim=0)
+            prompts, negatives, video, mask_video = _repeat_per_prompt(num_videos_per_prompt, prompts, negatives,
+                                                                       video, mask_video)
         batch = len(prompts)
         shape = self.latent_shape(batch, height, width, video_length)
         if latents is not None and tuple(latents.shape) != shape:
@@ -667,88 +558,25 @@ class EasyAnimatePipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"generator: got a list of {len(generator)} for a batch of {batch}")
 
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        do_cfg = guidance_scale > 1.0
-
-        # 1. text; under CFG the rows are [negative, positive], encoded in one call per encoder
+        device, dtype, do_cfg = self._execution_device, self.transformer.dtype, guidance_scale > 1.0
+        # under classifier-free guidance the rows are [negative, positive], encoded in one call per encoder
         texts = ((negatives or [DEFAULT_NEGATIVE_PROMPT] * batch) + prompts) if do_cfg else prompts
         embeds, mask, embeds_2, mask_2 = self.encode_prompt(texts, device)
         self._release(self.text_encoder, self.text_encoder_2)
-
-        # 2. timesteps (strength < 1 keeps the last int(N * strength) steps)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        latent_timestep = None
-        if strength < 1.0:
-            kept = min(int(num_inference_steps * strength), num_inference_steps)
-            start = (num_inference_steps - kept) * self.scheduler.order
-            timesteps = timesteps[start:]
-            if hasattr(self.scheduler, "set_begin_index"):
-                self.scheduler.set_begin_index(start)
-            latent_timestep = timesteps[:1]
-
-        # 3. latents and conditioning
+        timesteps, latent_timestep = self._timesteps(num_inference_steps, strength, device)
         latents = self.prepare_latents(shape, dtype, device, generator, latents, video, latent_timestep)
-        inpaint_latents = None
-        if self._is_inpaint:
-            inpaint_latents = self.prepare_inpaint_latents(video, mask_video, shape, dtype, device, generator)
-            inpaint_latents = torch.cat([inpaint_latents] * 2) if do_cfg else inpaint_latents
-            clip_tokens, clip_mask = self._clip_inputs(clip_image, batch, device, dtype, do_cfg)
+        inputs = StepInputs(embeds, mask, embeds_2, mask_2, self._rotary_embedding(height, width, device),
+                            *self._size_and_style(2 * batch if do_cfg else batch, height, width, original_size,
+                                                  crops_coords_top_left, device, dtype))
+        if self.is_inpaint:  # after the latents: both draw from ``generator``, in the original's order
+            inpaint = self.prepare_inpaint_latents(video, mask_video, shape, dtype, device, generator)
+            inputs.inpaint_latents = torch.cat([inpaint] * 2) if do_cfg else inpaint
+            inputs.clip_tokens, inputs.clip_mask = self._clip_inputs(clip_image, batch, device, dtype, do_cfg)
             self._release(self.image_encoder)
-        cos, sin = self._rotary_embedding(height, width, device)
-        rows = 2 * batch if do_cfg else batch
-        meta = list(original_size) + [height, width] + list(crops_coords_top_left)
-        image_meta_size = torch.tensor([meta] * rows, device=device, dtype=dtype)
-        style = torch.zeros(rows, device=device, dtype=torch.long)
 
-        # 4. denoising loop; all conditioning rows go through one transformer call with the CFG halves
-        extra_step_kwargs = self._extra_step_kwargs(generator, eta)
-        use_clip_from = len(timesteps) * (1 - clip_apply_ratio)
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                t_model = t.reshape(1).expand(rows).to(model_input.dtype)  # the original casts t to the latent dtype
-                extra = {}
-                if self._is_inpaint:
-                    use_clip = i >= use_clip_from  # image features only in the last clip_apply_ratio of the steps
-                    extra = dict(
-                        inpaint_latents=inpaint_latents,
-                        clip_encoder_hidden_states=clip_tokens if use_clip else torch.zeros_like(clip_tokens),
-                        clip_attention_mask=clip_mask if use_clip else torch.zeros_like(clip_mask),
-                    )
-                output = self.transformer(
-                    model_input,
-                    t_model,
-                    encoder_hidden_states=embeds,
-                    text_embedding_mask=mask,
-                    encoder_hidden_states_t5=embeds_2,
-                    text_embedding_mask_t5=mask_2,
-                    image_meta_size=image_meta_size,
-                    style=style,
-                    image_rotary_emb=(cos, sin),
-                    **extra,
-                ).sample
-                if output.shape[1] == 2 * self.latent_channels:  # learn_sigma: the second half is the variance
-                    output = output.chunk(2, dim=1)[0]
-                if do_cfg:
-                    uncond, cond = output.chunk(2)
-                    noise_pred = uncond + guidance_scale * (cond - uncond)
-                    if guidance_rescale > 0:
-                        noise_pred = _rescale_noise_cfg(noise_pred, cond, guidance_rescale)
-                else:
-                    noise_pred = output
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": embeds[batch:] if do_cfg else embeds,
-                             "negative_prompt_embeds": embeds[:batch] if do_cfg else None}
-                    chosen = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    result = callback_on_step_end(self, i, t, chosen) or {}
-                    latents = result.get("latents", latents)
-                progress.update()
-
-        # 5. decode
+        latents = self._denoise(latents, timesteps, inputs, guidance_scale, guidance_rescale, clip_apply_ratio,
+                                self._extra_step_kwargs(generator, eta), callback_on_step_end,
+                                callback_on_step_end_tensor_inputs)
         self._release(self.transformer)
         if output_type == "latent":
             self.maybe_free_model_hooks()
@@ -756,6 +584,74 @@ class EasyAnimatePipeline(DiffusionPipeline):
         videos = self.decode_latents(latents)
         self.maybe_free_model_hooks()
         return EasyAnimatePipelineOutput(videos=videos.numpy() if output_type == "np" else videos)
+
+    def _conditioning_video(self, image, end_image, video, mask_video, clip_image, video_length, height, width):
+        """``(video, mask_video, clip_image)``: built from ``image`` / ``end_image`` for image-to-video (see
+        :func:`build_image_to_video_inputs`), else as given, with an 8-bit video scaled to [0, 1]."""
+        if image is not None or end_image is not None:
+            if image is None:
+                raise ValueError("end_image needs a start image= as well")
+            if video is not None or mask_video is not None or clip_image is not None:
+                raise ValueError("give either image=/end_image= or video=/mask_video=/clip_image=, not both")
+            if not self.is_inpaint:
+                raise ValueError("image-to-video (image=) needs the InP model; this transformer has no image input")
+            video, mask_video, clip_image = build_image_to_video_inputs(image, end_image, video_length, height, width)
+        if isinstance(video, torch.Tensor) and video.dtype == torch.uint8:
+            video = video.float() / 255.0
+        return video, mask_video, clip_image
+
+    def _timesteps(self, num_inference_steps: int, strength: float, device):
+        """The sampler's timesteps, and with ``strength < 1`` only the last ``int(steps * strength)`` of them plus
+        the timestep the input video is noised to (None otherwise)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if strength >= 1.0:
+            return timesteps, None
+        kept = min(int(num_inference_steps * strength), num_inference_steps)
+        start = (num_inference_steps - kept) * self.scheduler.order
+        timesteps = timesteps[start:]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return timesteps, timesteps[:1]
+
+    @staticmethod
+    def _size_and_style(rows: int, height: int, width: int, original_size, crops_coords_top_left, device, dtype):
+        """The size conditioning (original size, target size, crop corner) and the style id 0, per row."""
+        meta = list(original_size) + [height, width] + list(crops_coords_top_left)
+        return (torch.tensor([meta] * rows, device=device, dtype=dtype),
+                torch.zeros(rows, device=device, dtype=torch.long))
+
+    def _denoise(self, latents, timesteps, inputs: StepInputs, guidance_scale: float, guidance_rescale: float,
+                 clip_apply_ratio: float, step_kwargs: dict, callback, callback_tensor_inputs) -> torch.Tensor:
+        """The sampling loop: one transformer call per step for all rows, guidance, one sampler step; the CLIP image
+        tokens are given only in the last ``clip_apply_ratio`` of the steps, as in the original."""
+        do_cfg = guidance_scale > 1.0
+        rows = inputs.style.shape[0]
+        batch = latents.shape[0]
+        use_clip_from = len(timesteps) * (1 - clip_apply_ratio)
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                t_model = t.reshape(1).expand(rows).to(model_input.dtype)  # the original casts t to the latent dtype
+                output = self.transformer(model_input, t_model, **inputs.transformer_kwargs(i >= use_clip_from)).sample
+                if output.shape[1] == 2 * self.latent_channels:  # learn_sigma: the second half is the variance
+                    output = output.chunk(2, dim=1)[0]
+                noise_pred = output
+                if do_cfg:
+                    uncond, cond = output.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                    if guidance_rescale > 0:
+                        noise_pred = _rescale_noise_cfg(noise_pred, cond, guidance_rescale)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback is not None:
+                    local = {"latents": latents,
+                             "prompt_embeds": inputs.embeds[batch:] if do_cfg else inputs.embeds,
+                             "negative_prompt_embeds": inputs.embeds[:batch] if do_cfg else None}
+                    result = callback(self, i, t, {k: local[k] for k in callback_tensor_inputs}) or {}
+                    latents = result.get("latents", latents)
+                progress.update()
+        return latents
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -804,105 +700,49 @@ class EasyAnimatePipeline(DiffusionPipeline):
         return kwargs
 
     # ------------------------------------------------------------------------------------------- long video
-    @torch.no_grad()
-    def generate_long_video(
-        self,
-        prompt: str,
-        video_length: int,
-        chunk_length: int = 72,
-        overlap: int = 4,
-        image=None,
-        end_image=None,
-        **call_kwargs,
-    ) -> EasyAnimatePipelineOutput:
-        """Generate ``video_length`` frames (more than one pass can hold) by chunked continuation, as the original
-        web UI's "Long Video Generation" does (spec training_data_ui.md §6.4):
+    def generate_long_video(self, prompt: str, video_length: int, chunk_length: int = 72, overlap: int = 4,
+                            image=None, end_image=None, **call_kwargs) -> EasyAnimatePipelineOutput:
+        """``video_length`` frames (more than one pass can hold) by chunked continuation with a linear cross-fade
+        over ``overlap`` frames; see :func:`easyanimate.inference.long_video.generate_long_video`. Needs the InP
+        model; other keyword arguments go to every chunk's call."""
+        from easyanimate.inference.long_video import generate_long_video
 
-        chunk 1 is a normal call of ``chunk_length`` frames (from ``image`` if given, else text-to-video); every
-        next chunk starts from the last ``overlap`` frames of the video so far as its known start frames, and the
-        chunks are stitched with a linear cross-fade over the overlap (weight of the new chunk ``k / overlap`` for
-        overlap frame k). ``end_image`` goes on the last chunk. The last chunk is rounded *up* to a multiple of the
-        VAE chunk and the result trimmed, so exactly ``video_length`` frames come back (the original rounds it down
-        and may return fewer). Needs the InP model. Other keyword arguments go to every call (height, width,
-        num_inference_steps, guidance_scale, generator, negative_prompt, ...)."""
-        m = self.frame_multiple
-        if not self._is_inpaint:
-            raise ValueError("long video generation continues from the previous chunk's frames: needs the InP model")
-        if chunk_length < m or chunk_length % m:
-            raise ValueError(f"chunk_length must be a positive multiple of {m}, got {chunk_length}")
-        if not 1 <= overlap < chunk_length:
-            raise ValueError(f"overlap must be in [1, chunk_length), got {overlap}")
-        if video_length < 1:
-            raise ValueError(f"video_length must be positive, got {video_length}")
-        for key in ("video", "mask_video", "clip_image", "latents", "strength", "output_type", "video_length"):
-            if key in call_kwargs:
-                raise ValueError(f"generate_long_video does not take {key}=")
-        if not isinstance(prompt, str):
-            raise ValueError("generate_long_video takes one prompt (a string)")
+        return EasyAnimatePipelineOutput(videos=generate_long_video(
+            self, prompt, video_length, chunk_length, overlap, image=image, end_image=end_image, **call_kwargs))
 
-        result = None
-        start_frames = image
-        done = 0  # frames of the final video already covered (before the overlap of the next chunk)
-        while True:
-            remaining = video_length - done
-            last = remaining <= chunk_length
-            n = math.ceil(remaining / m) * m if last else chunk_length
-            chunk = self(
-                prompt,
-                video_length=n,
-                image=start_frames,
-                end_image=end_image if last else None,
-                **call_kwargs,
-            ).videos
-            if result is None:
-                result = chunk
-            else:
-                weight = (torch.arange(overlap, dtype=torch.float32) / overlap).view(1, 1, overlap, 1, 1)
-                result[:, :, -overlap:] = result[:, :, -overlap:] * (1 - weight) + chunk[:, :, :overlap] * weight
-                result = torch.cat([result, chunk[:, :, overlap:]], dim=2)
-            if last:
-                break
-            start_frames = [
-                PIL.Image.fromarray((result[0, :, k].permute(1, 2, 0) * 255).to(torch.uint8).numpy())
-                for k in range(result.shape[2] - overlap, result.shape[2])
-            ]
-            done = result.shape[2] - overlap
-        return EasyAnimatePipelineOutput(videos=result[:, :, :video_length])
+
+def _as_prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str] | None]:
+    """Prompts as a list; negative prompts as a list of the same length (one is repeated), or None."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+    negatives = None if negatives is None else list(negatives)
+    if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    return prompts, negatives
+
+
+def _repeat_per_prompt(count: int, prompts, negatives, video, mask_video):
+    """Every prompt (and its negative prompt, video and mask when given per prompt) repeated ``count`` times."""
+    prompts = [p for p in prompts for _ in range(count)]
+    negatives = None if negatives is None else [p for p in negatives for _ in range(count)]
+    if video is not None and video.shape[0] > 1:
+        video = video.repeat_interleave(count, dim=0)
+        mask_video = None if mask_video is None else mask_video.repeat_interleave(count, dim=0)
+    return prompts, negatives, video, mask_video
 
 
 def _rescale_noise_cfg(noise_cfg: torch.Tensor, noise_cond: torch.Tensor, phi: float) -> torch.Tensor:
-    """Guidance rescale (Lin et al. 2023, §3.4): match the std of the guided prediction to the conditional one."""
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): match the std of the guided prediction to the conditional one."""
     dims = list(range(1, noise_cond.ndim))
     rescaled = noise_cfg * (noise_cond.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
     return phi * rescaled + (1 - phi) * noise_cfg
 
 
-def _make_scheduler(name: str, config: dict):
+def make_scheduler(name: str, config: dict):
+    """The sampler ``name`` (a key of :data:`SAMPLERS`) built from a scheduler config; keys the class does not know
+    (the DDPM file's ``variance_type``, ...) are dropped so the class defaults apply, as the original does."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(map(repr, SAMPLERS))}")
     cls = SAMPLERS[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    # Keys the class does not know (the DDPM file's variance_type, ...) are dropped so the class defaults apply.
     return cls.from_config({k: v for k, v in config.items() if k in accepted})
-
-
-def _load_tokenizer(cls, folder: Path):
-    if not folder.is_dir():
-        raise CheckpointError(f"{cls.__name__}: folder {folder} is missing")
-    try:
-        return cls.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
-        hint = " (the T5 tokenizer needs the sentencepiece and protobuf packages)" if "T5" in cls.__name__ else ""
-        raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}{hint}") from exc
-
-
-def _load_transformer(cls, root: Path, dtype):
-    # The released config.json may lack the V4 inference switches; the original applied them from its yaml.
-    return cls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, **V4_TRANSFORMER_OVERRIDES)
-
-
-def _load_vae(cls, root: Path, dtype):
-    folder = root / "vae"
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"VAE: no config.json in {folder}")
-    return cls.from_pretrained(root, subfolder="vae", torch_dtype=dtype).eval()

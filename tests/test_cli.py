@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from easyanimate import cli
+from easyanimate.inference.loading import MODEL_SUBFOLDERS
 from easyanimate.utils.video_io import read_image, read_video, save_video
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--steps", "2", "--guidance", "6", "--seed", "7", "--memory-mode", "none"]
+FAST = ["--steps", "2", "--guidance", "6", "--seed", "7", "--memory-mode", "gpu"]
 
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    def fail(args):
+    def fail(job):
         raise AssertionError("a model was loaded although the input is bad")
 
     monkeypatch.setattr(cli, "load_pipeline", fail)
@@ -28,7 +29,7 @@ def no_model_load(monkeypatch):
 def fake_model_dir(tmp_path):
     """Has the released subfolders but no weights: validation must pass or fail on the inputs alone."""
     model = tmp_path / "model"
-    for sub in cli.MODEL_SUBFOLDERS:
+    for sub in MODEL_SUBFOLDERS:
         (model / sub).mkdir(parents=True)
     return model
 
@@ -123,11 +124,13 @@ def test_one_start_image_is_spread_several_are_frames(no_model_load, fake_model_
     second = save_video(torch.rand(3, 1, 20, 30), tmp_path / "second.png")
     base = ["--model", str(fake_model_dir), "--prompt", "a red circle", "--frames", "8"]
     job = cli.validate("i2v", cli.build_parser("i2v").parse_args(base + ["--image", str(start_image)]))
-    assert not isinstance(job.image, list) and job.image.size == (30, 20)  # the pipeline puts it on 3 frames
+    image = job.prepared.start_image
+    assert not isinstance(image, list) and image.size == (30, 20)  # the pipeline puts it on 3 frames
     job = cli.validate("i2v", cli.build_parser("i2v").parse_args(
         base + ["--image", str(start_image), str(second), "--end-image", str(second)]))
-    assert isinstance(job.image, list) and len(job.image) == 2 and not isinstance(job.end_image, list)
-    assert np.array_equal(np.asarray(job.image[1]), np.asarray(read_image(second)))
+    image, end_image = job.prepared.start_image, job.prepared.end_image
+    assert isinstance(image, list) and len(image) == 2 and not isinstance(end_image, list)
+    assert np.array_equal(np.asarray(image[1]), np.asarray(read_image(second)))
 
 
 def test_i2v_start_and_end_image(tiny_model_dir, tmp_path, start_image):
@@ -191,7 +194,7 @@ def test_replacement_weights_for_the_transformer_and_vae(tiny_model_dir, tmp_pat
             "--frames", "8", "--output", str(tmp_path / "out.mp4")] + FAST
     args = cli.build_parser("t2v").parse_args(base + ["--transformer-path", str(tmp_path / "transformer.safetensors"),
                                                       "--vae-path", str(tmp_path / "vae")])
-    pipe = cli.load_pipeline(args)
+    pipe = cli.load_pipeline(cli.validate("t2v", args))
     for loaded, expected in ((pipe.transformer.state_dict(), transformer), (pipe.vae.state_dict(), vae)):
         assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
 

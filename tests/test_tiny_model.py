@@ -14,6 +14,7 @@ from easyanimate.utils.weights import load_model_from_folder, read_folder_weight
 
 EXPECTED_FILES = {
     "model_index.json",
+    "generation_defaults.json",  # the recommended settings every front end starts from
     "scheduler/scheduler_config.json",
     "transformer/config.json",
     "transformer/diffusion_pytorch_model.safetensors",

@@ -23,7 +23,9 @@ import torch
 from PIL import Image
 
 from easyanimate.data.buckets import ASPECT_RATIO_512
+from easyanimate.inference import check_request
 from easyanimate.ui.generation import (
+    PAGE_LIMITS,
     IMAGE_TO_VIDEO,
     LONG_VIDEO,
     SAMPLERS,
@@ -88,8 +90,7 @@ class StandInPipeline:
     def __init__(self, folder: Path, delay: float = 0.0):
         self.folder = folder
         self.delay = delay
-        self.transformer = SimpleNamespace(config=SimpleNamespace(in_channels=12))
-        self.vae = SimpleNamespace(config=SimpleNamespace(latent_channels=4))
+        self.is_inpaint = True  # takes start and end images
         self.sampler = "Euler"
         self.lora = None
         self.calls = []
@@ -221,9 +222,9 @@ def test_uploads_are_checked_for_type_size_and_content(tmp_path):
 )
 def test_bad_settings_are_refused_with_the_reason(change, message):
     settings = GenerationSettings(model="m", width=64, height=64, frames=8, steps=2)
-    settings.check()  # the base settings are fine
+    check_request(settings, limits=PAGE_LIMITS)  # the base settings are fine
     with pytest.raises(RefusedError, match=message):
-        GenerationSettings(**{**vars(settings), **change}).check()
+        check_request(GenerationSettings(**{**vars(settings), **change}), limits=PAGE_LIMITS)
 
 
 def test_reference_size_picks_the_closest_bucket_floored_to_16():

@@ -14,23 +14,22 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .examples import DEMO_DEFAULTS
 from .judge import accuracy, judge_frames
 from .shapes import HELD_OUT, NUM_FRAMES, caption, random_clip, render_clip
 
-EVAL_NEGATIVE_PROMPT = ""
+EVAL_NEGATIVE_PROMPT = DEMO_DEFAULTS.negative_prompt
 
 
 @dataclass
 class EvalSettings:
     """How videos are generated for judging (defaults: the demo's recommended settings)."""
 
-    height: int = 64
-    width: int = 64
-    num_frames: int = NUM_FRAMES
-    steps: int = 25
-    # chosen on the *training* combinations (t2v, seed 0): guidance 2 / 3 / 5 / 8 -> 90.1 / 90.7 / 85.6 / 83.7 %
-    # (stronger guidance draws rounder squares); re-checked after demo stage 4: 2 / 3 / 4 -> 93.6 / 93.9 / 91.7 %
-    guidance: float = 3.0
+    height: int = DEMO_DEFAULTS.height
+    width: int = DEMO_DEFAULTS.width
+    num_frames: int = DEMO_DEFAULTS.frames
+    steps: int = DEMO_DEFAULTS.steps
+    guidance: float = DEMO_DEFAULTS.guidance_scale
     seeds: tuple[int, ...] = (0,)
     languages: tuple[str, ...] = ("en", "zh")
     template: int = 0

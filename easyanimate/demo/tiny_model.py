@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..utils.atomic import building_directory
+from .examples import DEMO_DEFAULTS
 from .shapes import CHINESE_WORDS
 
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_corpus.txt"
@@ -499,6 +500,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bo
         write_transformer(work / "transformer", seed)
         write_vae(work / "vae", seed)
         _write_json(work / "model_index.json", MODEL_INDEX)
+        DEMO_DEFAULTS.write(work)  # small sizes: the tiny model (and the demo built on it) run in seconds
     return out_dir
 
 

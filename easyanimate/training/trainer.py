@@ -38,7 +38,6 @@ from .objective import DiffusionObjective, clip_keep_mask, inpaint_condition_fla
 logger = logging.getLogger(__name__)
 
 LORA_STATE_FILE = "lora_diffusion_pytorch_model.safetensors"
-VALIDATION_NEGATIVE_PROMPT = "bad detailed"
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -830,12 +829,21 @@ class _ema_weights:
 def render_validation(frozen: FrozenModels, transformer: nn.Module, ema, cfg: TrainConfig, step: int,
                       output_dir: Path) -> list[Path]:
     """One video and one image per validation prompt with the current (EMA) weights, saved as
-    ``output_dir/sample/sample-{step}-{i}.gif`` / ``…-image-{i}.gif``. Failures are logged, never fatal."""
+    ``output_dir/sample/sample-{step}-{i}.gif`` / ``…-image-{i}.gif``. Each is a generation request with the
+    model's recommended negative prompt and guidance (guidance 1 for an LCM-LoRA), run through the request layer
+    as the predict scripts run theirs. Failures are logged, never fatal."""
+    from ..inference.defaults import read_model_defaults
+    from ..inference.request import TEXT_TO_IMAGE, TEXT_TO_VIDEO
+    from ..inference.runner import generate, prepare
     from ..utils.video_io import save_video
 
     pipe = frozen.pipeline
-    frames = max(cfg.video_sample_n_frames // 8 * 8, 8)
-    size = cfg.video_sample_size // 16 * 16
+    recommended = read_model_defaults(cfg.pretrained_model_name_or_path)
+    size = max(cfg.video_sample_size // 16 * 16, 16)
+    common = dict(width=size, height=size, frames=max(cfg.video_sample_n_frames // 8 * 8, 8), seed=cfg.seed,
+                  steps=cfg.validation_inference_steps, sampler="LCM" if cfg.lcm_distillation else pipe.sampler)
+    if cfg.lcm_distillation:
+        common["guidance_scale"] = 1.0
     was_training = transformer.training
     transformer.eval()
     saved = []
@@ -848,12 +856,11 @@ def render_validation(frozen: FrozenModels, transformer: nn.Module, ema, cfg: Tr
             module.to(device)
         with context:
             for i, prompt in enumerate(cfg.validation_prompts):
-                generator = torch.Generator().manual_seed(cfg.seed)
-                for length, name in ((frames, f"sample-{step}-{i}.gif"), (1, f"sample-{step}-image-{i}.gif")):
-                    video = pipe(prompt, negative_prompt=VALIDATION_NEGATIVE_PROMPT, height=size, width=size,
-                                 video_length=length, num_inference_steps=cfg.validation_inference_steps,
-                                 guidance_scale=1.0 if cfg.lcm_distillation else 7.0, generator=generator).videos
-                    saved.append(save_video(video, output_dir / "sample" / name, fps=8))
+                samples = ((TEXT_TO_VIDEO, f"sample-{step}-{i}.gif"), (TEXT_TO_IMAGE, f"sample-{step}-image-{i}.gif"))
+                for kind, name in samples:
+                    request = recommended.request(prompt=prompt, kind=kind, **common)
+                    generation = generate(pipe, prepare(request))
+                    saved.append(save_video(generation.videos, output_dir / "sample" / name, fps=8))
     except Exception:
         logger.exception("validation sampling failed at step %d (training continues)", step)
     finally:
@@ -861,4 +868,3 @@ def render_validation(frozen: FrozenModels, transformer: nn.Module, ema, cfg: Tr
             module.to("cpu")
         transformer.train(was_training)
     return saved
-

@@ -1,5 +1,10 @@
-"""Generation requests of the web UI, independent of Gradio: validate settings, hold the loaded model, run the
-pipeline one request at a time, and save every result with the settings that made it.
+"""The web server's side of a generation, independent of Gradio: which files a request may name, the one loaded
+model, one generation at a time, and every result saved with the settings that made it.
+
+A request from the page, its API or the original's HTTP routes is a :class:`~easyanimate.inference.GenerationRequest`
+checked by the request layer within the page's ranges (:data:`PAGE_LIMITS`). :class:`ServerFiles` is this server's
+policy for the files it names: models, LoRAs and transformer weights only from their folders (by name, never by a
+path that leaves them), uploads only within :class:`~easyanimate.ui.safety.UploadLimits`.
 
 The :class:`Studio` owns the one loaded pipeline. A lock covers both model switching and generation, so a model
 switch waits for the running generation to finish instead of swapping weights under it (the Gradio queue also
@@ -8,21 +13,33 @@ serialises them; the lock keeps that true for any other caller).
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import logging
 import os
-import random
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from easyanimate.cli import SAMPLER_NAMES
-from easyanimate.data.buckets import bucket_crop_size, closest_ratio
+from easyanimate.inference.defaults import ModelDefaults, read_model_defaults
+from easyanimate.inference.request import (  # noqa: F401  (re-exported for the page)
+    BASE_RESOLUTIONS,
+    IMAGE_TO_VIDEO,
+    KINDS,
+    LONG_VIDEO,
+    MEMORY_MODES,
+    RANDOM_SEED_MAX,
+    SAMPLER_NAMES,
+    TEXT_TO_IMAGE,
+    TEXT_TO_VIDEO,
+    VIDEO_TO_VIDEO,
+    GenerationRequest,
+    RequestLimits,
+    reference_size,
+)
+from easyanimate.inference.runner import Generation, LocalFiles, generate, prepare, write_result, write_settings
 from easyanimate.ui.safety import (
     NONE_CHOICE,
     OutputFolder,
@@ -35,116 +52,48 @@ from easyanimate.ui.safety import (
     resolve_model_folder,
     resolve_safetensors_file,
 )
-from easyanimate.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-TEXT_TO_VIDEO = "Text to Video"
-TEXT_TO_IMAGE = "Text to Image"
-IMAGE_TO_VIDEO = "Image to Video"
-VIDEO_TO_VIDEO = "Video to Video"
-LONG_VIDEO = "Long Video"
-KINDS = (TEXT_TO_VIDEO, TEXT_TO_IMAGE, IMAGE_TO_VIDEO, VIDEO_TO_VIDEO, LONG_VIDEO)
+PAGE_LIMITS = RequestLimits()  # the ranges of the page's sliders; the server enforces them for API clients too
+GenerationSettings = GenerationRequest  # what the page, its API and the HTTP routes send
 SAMPLERS = SAMPLER_NAMES
-BASE_RESOLUTIONS = (512, 768, 960)
-
-SIZE_RANGE = (16, 2048)  # pixels, multiples of 16 (the demo model makes 48 x 96 videos)
-FRAMES_RANGE = (8, 144)  # one pass, multiples of 8 (the VAE's frame chunk)
-LONG_FRAMES_MAX = 1440
-OVERLAP_RANGE = (1, 4)
-STEPS_RANGE = (1, 100)
-GUIDANCE_RANGE = (0.0, 20.0)
-STRENGTH_RANGE = (0.05, 1.0)
-SEED_MAX = 10**8
-FPS = 24
-
-DEFAULT_PROMPT = (
-    "A young woman with beautiful, clear eyes and blonde hair stands in the forest, wearing a white dress and a "
-    "crown. Her expression is serene. The camera slowly zooms in. High quality, masterpiece, best quality."
-)
-DEFAULT_NEGATIVE_PROMPT = (
-    "Blurring, mutation, deformation, distortion, dark and solid, comics, text subtitles, line art, static, "
-    "ugly, error, messy code, low quality."
-)
-
-def reference_size(ref_height: int, ref_width: int, base_resolution: int) -> tuple[int, int]:
-    """(height, width) for a reference of the given size: the closest aspect-ratio bucket scaled to
-    ``base_resolution``, each side floored to a multiple of 16 (the original's "Resize according to Reference")."""
-    return bucket_crop_size(closest_ratio(ref_height, ref_width), base_resolution)
+SEED_MAX = RANDOM_SEED_MAX
 
 
-@dataclass
-class GenerationSettings:
-    """Everything a user chooses for one generation (the settings JSON saved next to each result)."""
+def none_to_null(name: str | None) -> str | None:
+    """A picker's choice as a request's file name: "none" (or nothing) is None."""
+    return None if name in (None, "", NONE_CHOICE) else name
 
-    model: str
-    kind: str = TEXT_TO_VIDEO
-    prompt: str = DEFAULT_PROMPT
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    sampler: str = "Euler"
-    steps: int = 30
-    width: int = 672
-    height: int = 384
-    frames: int = 144
-    guidance_scale: float = 7.0
-    seed: int = 43
-    lora: str = NONE_CHOICE
-    lora_strength: float = 0.55
-    transformer_weights: str = NONE_CHOICE  # a fine-tuned transformer from the weights folder, or the model's own
-    denoise_strength: float = 0.70
-    partial_frames: int = 72
-    overlap_frames: int = 4
-    resize_to_reference: bool = False
-    base_resolution: int = 512
-    start_image: str | None = None
-    end_image: str | None = None
-    video: str | None = None
 
-    def check(self) -> None:
-        """Raise :class:`RefusedError` naming the first setting that is out of range or inconsistent."""
+class ServerFiles(LocalFiles):
+    """The server's rules for the files a request names: a model is a folder of ``models_dir``, a LoRA or transformer
+    weights a ``.safetensors`` file of ``lora_dir`` / ``weights_dir`` (named as listed; real paths must stay inside),
+    images and videos are uploads within ``limits``. VAE weights are not offered."""
 
-        def in_range(name: str, value: float, bounds: tuple[float, float], step: int | None = None) -> None:
-            low, high = bounds
-            if not low <= value <= high or (step and value % step):
-                rule = f"between {low} and {high}" + (f" and a multiple of {step}" if step else "")
-                raise RefusedError(f"{name} must be {rule}, got {value}")
+    def __init__(self, models_dir: Path, lora_dir: Path, weights_dir: Path, limits: UploadLimits):
+        self.models_dir, self.lora_dir, self.weights_dir, self.limits = models_dir, lora_dir, weights_dir, limits
 
-        if self.kind not in KINDS:
-            raise RefusedError(f"unknown generation kind {self.kind!r}; choose one of {list(KINDS)}")
-        if self.sampler not in SAMPLERS:
-            raise RefusedError(f"unknown sampler {self.sampler!r}; choose one of {list(SAMPLERS)}")
-        if not self.resize_to_reference:
-            in_range("width", self.width, SIZE_RANGE, 16)
-            in_range("height", self.height, SIZE_RANGE, 16)
-        elif self.base_resolution not in BASE_RESOLUTIONS:
-            raise RefusedError(f"base resolution must be one of {BASE_RESOLUTIONS}, got {self.base_resolution}")
-        if self.kind == LONG_VIDEO:
-            in_range("frame count", self.frames, (FRAMES_RANGE[0], LONG_FRAMES_MAX), 8)
-            in_range("partial length", self.partial_frames, FRAMES_RANGE, 8)
-            in_range("overlap", self.overlap_frames, OVERLAP_RANGE)
-        elif self.kind != TEXT_TO_IMAGE:
-            in_range("frame count", self.frames, FRAMES_RANGE, 8)
-        in_range("sampling steps", self.steps, STEPS_RANGE)
-        in_range("guidance scale", self.guidance_scale, GUIDANCE_RANGE)
-        in_range("LoRA strength", self.lora_strength, (0.0, 2.0))
-        if self.seed != -1:
-            in_range("seed (or -1 for a random one)", self.seed, (0, 2**63 - 1))
-        if self.kind == VIDEO_TO_VIDEO:
-            in_range("denoise strength", self.denoise_strength, STRENGTH_RANGE)
-            if not self.video:
-                raise RefusedError("video to video needs an input video: upload one")
-        if self.kind == IMAGE_TO_VIDEO and not self.start_image:
-            raise RefusedError("image to video needs a start image: upload one")
-        if self.end_image and not self.start_image:
-            raise RefusedError("an end image needs a start image too: upload a start image")
-        if self.kind not in (IMAGE_TO_VIDEO, LONG_VIDEO) and (self.start_image or self.end_image):
-            raise RefusedError(f"{self.kind.lower()} takes no start or end image; choose image to video or long video")
-        if self.kind != VIDEO_TO_VIDEO and self.video:
-            raise RefusedError(f"{self.kind.lower()} takes no input video; choose video to video")
-        if self.resize_to_reference and not (self.start_image or (self.kind == VIDEO_TO_VIDEO and self.video)):
-            raise RefusedError(
-                "resize to the reference needs a start image or an input video; upload one or set the size"
-            )
+    def model_folder(self, name: str) -> Path:
+        return resolve_model_folder(self.models_dir, name)
+
+    def lora_file(self, name: str) -> Path:
+        return resolve_safetensors_file(self.lora_dir, name)
+
+    def weights(self, name: str, label: str) -> Path:
+        if label == "VAE weights":
+            raise RefusedError("this server takes no VAE weights")
+        return resolve_safetensors_file(self.weights_dir, name, what="transformer weights")
+
+    def open_image(self, value, label: str):
+        if not isinstance(value, (str, os.PathLike)):
+            return super().open_image(value, label)
+        return open_image_upload(value, self.limits, label)
+
+    def probe_video(self, value, label: str) -> tuple[int, int, int]:
+        if not isinstance(value, (str, os.PathLike)):
+            return super().probe_video(value, label)
+        return check_video_upload(value, self.limits, label)
 
 
 @dataclass(frozen=True)
@@ -160,25 +109,25 @@ class HostedLimits:
     max_pixels: int = 672 * 384
 
     def __post_init__(self):
-        if self.max_steps < 1 or self.max_frames < FRAMES_RANGE[0] or self.max_pixels < 16 * 16:
+        if self.max_steps < 1 or self.max_frames < PAGE_LIMITS.frames[0] or self.max_pixels < 16 * 16:
             raise ValueError(f"hosted limits too small to generate anything: {self}")
         if self.max_frames % 8:
             raise ValueError(f"the most frames must be a multiple of 8 (the VAE's frame chunk), got {self.max_frames}")
 
-    def check(self, settings: "GenerationSettings", height: int | None, width: int | None) -> None:
+    def check(self, request: GenerationRequest, height: int | None, width: int | None) -> None:
         """Refuse what this server does not offer; ``height`` x ``width`` is the size that would be generated
         (None when another server decides it)."""
-        if settings.model != self.model:
+        if request.model != self.model:
             raise RefusedError(f"this server serves only the model {self.model!r}")
-        if settings.lora != NONE_CHOICE or settings.transformer_weights != NONE_CHOICE:
+        if none_to_null(request.lora) or none_to_null(request.transformer_weights):
             raise RefusedError("this server takes no LoRA and no other transformer weights: choose 'none'")
-        if settings.kind == LONG_VIDEO:
+        if request.kind == LONG_VIDEO:
             raise RefusedError("this server makes no long videos: choose a video of at most "
                                f"{self.max_frames} frames")
-        if settings.steps > self.max_steps:
-            raise RefusedError(f"this server runs at most {self.max_steps} sampling steps, got {settings.steps}")
-        if settings.kind != TEXT_TO_IMAGE and settings.frames > self.max_frames:
-            raise RefusedError(f"this server makes at most {self.max_frames} frames, got {settings.frames}")
+        if request.steps > self.max_steps:
+            raise RefusedError(f"this server runs at most {self.max_steps} sampling steps, got {request.steps}")
+        if request.kind != TEXT_TO_IMAGE and request.frames > self.max_frames:
+            raise RefusedError(f"this server makes at most {self.max_frames} frames, got {request.frames}")
         if height is not None and width is not None and height * width > self.max_pixels:
             raise RefusedError(f"this server makes frames of at most {self.max_pixels} pixels (e.g. 672 x 384 "
                                f"for {672 * 384}), got {width} x {height}")
@@ -194,43 +143,14 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-MEMORY_MODES = ("model_cpu_offload", "sequential_cpu_offload", "gpu")
-
-
 def easyanimate_loader(memory_mode: str = "model_cpu_offload") -> Callable[[Path, Path | None], Any]:
-    """A function loading a model folder with the project's pipeline, optionally with other transformer weights
-    (a fine-tuned ``.safetensors``; strict). On CPU everything runs in fp32; on a GPU ``memory_mode`` keeps the
-    weights on the CPU and moves each model in when it runs (the original's default), streams every layer
-    ("sequential_cpu_offload", for small GPUs), or keeps all of it on the GPU ("gpu")."""
+    """A function loading a model folder (with other transformer weights, or None for its own) with the project's
+    loader in ``memory_mode`` (see :func:`easyanimate.inference.loading.load_pipeline`)."""
+    from easyanimate.inference.loading import load_pipeline
+
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; choose one of {MEMORY_MODES}")
-
-    def load(model_dir: Path, transformer_weights: Path | None = None) -> Any:
-        from easyanimate.pipeline import EasyAnimatePipeline, default_dtype
-        from easyanimate.utils.weights import load_weights_into
-
-        offload = torch.cuda.is_available() and memory_mode != "gpu"
-        if offload:
-            pipe = EasyAnimatePipeline.from_pretrained(model_dir, torch_dtype=default_dtype(torch.device("cuda")),
-                                                       device="cpu")
-        else:
-            pipe = EasyAnimatePipeline.from_pretrained(model_dir)
-        if transformer_weights is not None:  # before the offload hooks, which move the weights
-            load_weights_into(pipe.transformer, transformer_weights)
-        if not offload:
-            return pipe
-        if memory_mode == "sequential_cpu_offload":
-            pipe.enable_sequential_cpu_offload()
-        else:
-            pipe.enable_model_cpu_offload()
-        return pipe
-
-    return load
-
-
-def _is_inpaint_model(pipe: Any) -> bool:
-    """The InP model takes mask + masked-video latents (transformer in_channels != VAE latent channels)."""
-    return pipe.transformer.config.in_channels != pipe.vae.config.latent_channels
+    return functools.partial(load_pipeline, memory_mode=memory_mode)
 
 
 class Studio:
@@ -253,6 +173,7 @@ class Studio:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else self.models_dir / "transformer_weights"
         self.output = OutputFolder(output_dir)
         self.limits = limits
+        self.files = ServerFiles(self.models_dir, self.lora_dir, self.weights_dir, limits)
         self.hosted = hosted
         if hosted is not None:
             resolve_model_folder(self.models_dir, hosted.model)  # the one model must exist
@@ -260,7 +181,7 @@ class Studio:
         self._lock = threading.Lock()
         self._pipe: Any = None
         self._model_name: str | None = None
-        self._weights_name: str = NONE_CHOICE
+        self._weights_name: str | None = None
 
     # -- choices ---------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
@@ -271,6 +192,15 @@ class Studio:
 
     def weights_choices(self) -> list[str]:
         return [NONE_CHOICE] if self.hosted else [NONE_CHOICE, *list_safetensors_files(self.weights_dir)]
+
+    def model_defaults(self, name: str | None) -> ModelDefaults:
+        """The recommended settings of model ``name`` (the released model's for an unknown or unreadable one: the
+        page must open whatever a models folder holds)."""
+        try:
+            return read_model_defaults(resolve_model_folder(self.models_dir, name) if name else None)
+        except (RefusedError, ValueError) as exc:
+            logger.warning("no recommended settings for %s: %s", name, exc)
+            return ModelDefaults()
 
     @property
     def loaded_model(self) -> str | None:
@@ -283,10 +213,10 @@ class Studio:
             raise RefusedError(f"this server serves only the model {self.hosted.model!r}")
         folder = resolve_model_folder(self.models_dir, name)
         with self._lock:
-            self._ensure_model(name, folder, NONE_CHOICE, None)
+            self._ensure_model(name, folder, None, None)
         return f"model {name} loaded"
 
-    def _ensure_model(self, name: str, folder: Path, weights_name: str, weights: Path | None) -> Any:
+    def _ensure_model(self, name: str, folder: Path, weights_name: str | None, weights: Path | None) -> Any:
         """The pipeline of model ``name`` with transformer ``weights`` (None: its own), loaded if it is not the one
         in memory. Choosing "none" again reloads the folder, so its own weights come back."""
         if (self._model_name, self._weights_name) != (name, weights_name):
@@ -299,125 +229,32 @@ class Studio:
         return self._pipe
 
     # -- generation ----------------------------------------------------------------------------------------
-    def generate(
-        self, settings: GenerationSettings, on_step: Callable[[int, int], None] | None = None
-    ) -> GenerationResult:
-        """Validate, run the pipeline, save the result and its settings; raises RefusedError for bad requests."""
-        settings.check()
-        folder = resolve_model_folder(self.models_dir, settings.model)
-        lora_path = resolve_safetensors_file(self.lora_dir, settings.lora)
-        weights = resolve_safetensors_file(self.weights_dir, settings.transformer_weights, what="transformer weights")
-        start = open_image_upload(settings.start_image, self.limits, "start image") if settings.start_image else None
-        end = open_image_upload(settings.end_image, self.limits, "end image") if settings.end_image else None
-        video_frames = video_size = None
-        if settings.video:
-            video_frames, *video_size = check_video_upload(settings.video, self.limits, "input video")
-
-        height, width = settings.height, settings.width
-        if settings.resize_to_reference:
-            ref_h, ref_w = (start.height, start.width) if start is not None else video_size
-            height, width = reference_size(ref_h, ref_w, settings.base_resolution)
+    def generate(self, request: GenerationRequest,
+                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """Check the request within the page's ranges (and hosted limits), run it, save the result and its
+        settings; raises :class:`RefusedError` for a bad request."""
+        request = request.replace(lora=none_to_null(request.lora),
+                                  transformer_weights=none_to_null(request.transformer_weights))
+        prepared = prepare(request, self.files, limits=PAGE_LIMITS)
         if self.hosted:
-            self.hosted.check(settings, height, width)
-        frames = 1 if settings.kind == TEXT_TO_IMAGE else settings.frames
-        if settings.kind == VIDEO_TO_VIDEO and video_frames < frames:
-            raise RefusedError(
-                f"the input video has {video_frames} frames but {frames} were asked for; "
-                f"choose a frame count of at most {video_frames // 8 * 8}"
-            )
-        if settings.kind == LONG_VIDEO and settings.partial_frames <= settings.overlap_frames:
-            raise RefusedError("the partial length must be longer than the overlap")
-        seed = random.randint(1, SEED_MAX) if settings.seed == -1 else settings.seed
-
+            self.hosted.check(prepared.request, prepared.height, prepared.width)
         with self._lock:
-            pipe = self._ensure_model(settings.model, folder, settings.transformer_weights or NONE_CHOICE, weights)
-            if settings.kind in (IMAGE_TO_VIDEO, LONG_VIDEO) and not _is_inpaint_model(pipe):
-                raise RefusedError(f"{settings.kind.lower()} needs an InP model; {settings.model} is a text-only model")
-            pipe.set_sampler(settings.sampler)
-            began = time.time()
-            if lora_path is not None:
-                pipe.load_lora(lora_path, settings.lora_strength)
-            try:
-                videos = self._run(pipe, settings, height, width, frames, seed, start, end, on_step)
-            finally:
-                if lora_path is not None:
-                    pipe.unload_lora()
-            used = dataclasses.asdict(settings)
-            used.update(seed=seed, height=height, width=width, frames=frames, seconds=round(time.time() - began, 2))
-            for key in ("start_image", "end_image", "video"):  # the upload's name, not the server's temp path
-                used[key] = Path(used[key]).name if used[key] else None
-            return self._save(videos, settings.kind, used)  # inside the lock: output numbers are never shared
+            pipe = self._ensure_model(request.model, prepared.model_path, request.transformer_weights,
+                                      prepared.transformer_weights_path)
+            generation = generate(pipe, prepared, on_step)
+            return self._save(generation, prepared.request.kind)  # inside the lock: output numbers are never shared
 
-    def _run(self, pipe, settings, height, width, frames, seed, start, end, on_step) -> torch.Tensor:
-        steps = settings.steps
-        if settings.kind == VIDEO_TO_VIDEO:
-            steps = max(1, int(steps * settings.denoise_strength))
-        calls = 1
-        if settings.kind == LONG_VIDEO:
-            calls = _long_video_chunks(settings.frames, settings.partial_frames, settings.overlap_frames)
-        total = steps * calls
-        done = 0
-
-        def step_end(pipeline, step, timestep, kwargs):
-            nonlocal done
-            done += 1
-            if on_step is not None:
-                on_step(min(done, total), total)
-            return kwargs
-
-        common = dict(
-            prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt,
-            height=height,
-            width=width,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            callback_on_step_end=step_end,
-        )
-        if settings.kind == VIDEO_TO_VIDEO:
-            from easyanimate.utils.video_io import read_video
-
-            video = read_video(settings.video, num_frames=frames, size=(height, width))[None]
-            out = pipe(video_length=frames, video=video, strength=settings.denoise_strength, **common)
-        elif settings.kind == LONG_VIDEO:
-            out = pipe.generate_long_video(
-                video_length=frames,
-                chunk_length=settings.partial_frames,
-                overlap=settings.overlap_frames,
-                image=start,
-                end_image=end,
-                **common,
-            )
-        else:
-            out = pipe(video_length=frames, image=start, end_image=end, **common)
-        return out.videos
-
-    def _save(self, videos: torch.Tensor, kind: str, settings: dict[str, Any]) -> GenerationResult:
-        from easyanimate.utils.video_io import save_video
-
-        is_image = videos.shape[2] == 1
-        return save_result(self.output, kind, is_image, lambda media: save_video(videos, media, fps=FPS),
-                           {**settings, "fps": None if is_image else FPS})
+    def _save(self, generation: Generation, kind: str) -> GenerationResult:
+        media = self.output.check(self.output.new_stem(kind).with_suffix(".png" if generation.is_image else ".mp4"))
+        path, settings_path = write_result(generation, media)
+        return GenerationResult(path, settings_path, generation.is_image, generation.settings)
 
 
 def save_result(output: OutputFolder, kind: str, is_image: bool, write_media: Callable[[Path], Any],
                 settings: dict[str, Any]) -> GenerationResult:
-    """Write a result under a fresh name in ``output`` (``write_media(path)`` writes it, atomically) and its settings
-    JSON beside it, with the result's file name as ``output``."""
-    stem = output.new_stem(kind)
-    media = output.check(stem.with_suffix(".png" if is_image else ".mp4"))
+    """Write a result made elsewhere under a fresh name in ``output`` (``write_media(path)`` writes it, atomically)
+    and its settings JSON beside it, with the result's file name as ``output``."""
+    media = output.check(output.new_stem(kind).with_suffix(".png" if is_image else ".mp4"))
     write_media(media)
     settings = {**settings, "output": media.name}
-    settings_path = output.check(stem.with_suffix(".json"))
-    write_text_atomic(settings_path, json.dumps(settings, indent=2, ensure_ascii=False))
-    logger.info("saved %s and %s", media, settings_path.name)
-    return GenerationResult(path=media, settings_path=settings_path, is_image=is_image, settings=settings)
-
-
-def _long_video_chunks(frames: int, partial: int, overlap: int) -> int:
-    """Pipeline passes for a long video of ``frames`` in chunks of ``partial`` that overlap by ``overlap``
-    (the count ``EasyAnimatePipeline.generate_long_video`` makes)."""
-    if frames <= partial:
-        return 1
-    return 1 + -(-(frames - partial) // (partial - overlap))
+    return GenerationResult(media, write_settings(settings, output.check(media)), is_image, settings)

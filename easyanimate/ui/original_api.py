@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from easyanimate.inference.request import RELEASED_NEGATIVE_PROMPT
 from easyanimate.ui.generation import (
-    DEFAULT_NEGATIVE_PROMPT,
     IMAGE_TO_VIDEO,
     LONG_VIDEO,
     TEXT_TO_IMAGE,
@@ -29,6 +29,7 @@ from easyanimate.ui.generation import (
     VIDEO_TO_VIDEO,
     GenerationSettings,
     Studio,
+    none_to_null,
 )
 from easyanimate.ui.safety import NONE_CHOICE, RefusedError, is_within
 
@@ -37,14 +38,14 @@ SUCCESS = {"message": "Success"}
 RESIZE_TO_REFERENCE = "Resize according to Reference"
 IMAGE_GENERATION, LONG_VIDEO_GENERATION = "Image Generation", "Long Video Generation"
 
-# infer_forward's keys and the original's defaults (easyanimate/api/api.py)
+# infer_forward's keys and the original's defaults for keys a client leaves out (part of its protocol)
 INFER_DEFAULTS: dict[str, Any] = {
     "base_model_path": "none",
     "motion_module_path": "none",
     "lora_model_path": "none",
     "lora_alpha_slider": 0.55,
     "prompt_textbox": None,
-    "negative_prompt_textbox": DEFAULT_NEGATIVE_PROMPT,
+    "negative_prompt_textbox": RELEASED_NEGATIVE_PROMPT,
     "sampler_dropdown": "Euler",
     "sample_step_slider": 30,
     "resize_method": "Generate by",
@@ -63,7 +64,6 @@ INFER_DEFAULTS: dict[str, Any] = {
     "denoise_strength": 0.70,
     "seed_textbox": 43,
 }
-
 
 def _error(exc: Exception | str) -> dict[str, str]:
     return {"message": f"Error: {exc}"}
@@ -193,8 +193,8 @@ class OriginalAPI:
             frames=int(v["length_slider"]),
             guidance_scale=float(v["cfg_scale_slider"]),
             seed=int(v["seed_textbox"]),
-            lora=lora or NONE_CHOICE,
-            transformer_weights=weights or NONE_CHOICE,
+            lora=none_to_null(lora),
+            transformer_weights=none_to_null(weights),
             lora_strength=float(v["lora_alpha_slider"]),
             denoise_strength=float(v["denoise_strength"]),
             partial_frames=int(v["partial_video_length"]),
@@ -216,9 +216,9 @@ def infer_request(settings: GenerationSettings) -> dict[str, Any]:
     posts; the inverse of :meth:`OriginalAPI._settings`). Uploads are read and base64-encoded."""
     long = settings.kind == LONG_VIDEO
     return {
-        "base_model_path": settings.transformer_weights,
+        "base_model_path": settings.transformer_weights or NONE_CHOICE,
         "motion_module_path": NONE_CHOICE,
-        "lora_model_path": settings.lora,
+        "lora_model_path": settings.lora or NONE_CHOICE,
         "lora_alpha_slider": settings.lora_strength,
         "prompt_textbox": settings.prompt,
         "negative_prompt_textbox": settings.negative_prompt,

@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import threading
 from pathlib import Path
 from typing import Callable
 
+from easyanimate.inference.defaults import ModelDefaults
+from easyanimate.inference.request import GenerationRequest
+from easyanimate.inference.runner import prepare, request_settings
 from easyanimate.ui.generation import (
-    TEXT_TO_IMAGE,
+    PAGE_LIMITS,
     GenerationResult,
-    GenerationSettings,
     HostedLimits,
+    ServerFiles,
+    none_to_null,
     save_result,
 )
 from easyanimate.ui.original_api import infer_request
-from easyanimate.ui.safety import (
-    NONE_CHOICE,
-    OutputFolder,
-    RefusedError,
-    UploadLimits,
-    check_video_upload,
-    open_image_upload,
-)
+from easyanimate.ui.safety import NONE_CHOICE, OutputFolder, RefusedError, UploadLimits
 from easyanimate.utils.atomic import write_bytes_atomic
 
 
@@ -52,6 +48,7 @@ class RemoteStudio:
         self.hosted = limits
         self.limits = upload_limits
         self.output = OutputFolder(output_dir)
+        self.files = RemoteFiles(upload_limits)
         headers = {"Authorization": token} if token else {}
         self._client = httpx.Client(headers=headers, timeout=timeout)
         self._lock = threading.Lock()
@@ -65,6 +62,10 @@ class RemoteStudio:
 
     def weights_choices(self) -> list[str]:
         return [NONE_CHOICE]
+
+    def model_defaults(self, name: str | None) -> ModelDefaults:
+        """The released model's recommended settings: the original's routes do not tell another model's."""
+        return ModelDefaults()
 
     @property
     def loaded_model(self) -> str | None:
@@ -97,33 +98,43 @@ class RemoteStudio:
             self._model_name = name
         return f"model {name} loaded on {self.url}"
 
-    def generate(self, settings: GenerationSettings,
+    def generate(self, request: GenerationRequest,
                  on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Check the settings and uploads, post them, save the returned file and the settings (no step progress:
-        the original's route reports none)."""
-        settings.check()
-        if settings.resize_to_reference:  # the server picks the size from the reference, within its own limits
-            self.hosted.check(settings, None, None)
-        else:
-            self.hosted.check(settings, settings.height, settings.width)
-        for path, what in ((settings.start_image, "start image"), (settings.end_image, "end image")):
-            if path:
-                open_image_upload(path, self.limits, what)
-        if settings.video:
-            check_video_upload(settings.video, self.limits, "input video")
-        if self._model_name != settings.model:
-            self.load_model(settings.model)
+        """Check the request and its uploads here (the page's ranges and hosted limits), post it, save the returned
+        file and the settings (no step progress: the original's route reports none)."""
+        request = request.replace(lora=none_to_null(request.lora),
+                                  transformer_weights=none_to_null(request.transformer_weights))
+        self.hosted.check(request, None, None)  # the model, LoRA and kind; the size once the reference is known
+        prepared = prepare(request.replace(model=""), self.files, limits=PAGE_LIMITS)
+        self.hosted.check(request, prepared.height, prepared.width)
+        if self._model_name != request.model:
+            self.load_model(request.model)
         with self._lock:
-            answer = self._post("infer_forward", infer_request(settings))
+            answer = self._post("infer_forward", infer_request(request))
             try:
                 media = base64.b64decode(answer["base64_encoding"], validate=True)
             except (KeyError, TypeError, binascii.Error, ValueError) as exc:
                 raise RefusedError(f"the server at {self.url} sent no result file ({exc})") from exc
-            is_image = settings.kind == TEXT_TO_IMAGE or Path(str(answer.get("save_sample_path"))).suffix == ".png"
-            asked = dataclasses.asdict(settings)
+            is_image = request.is_image or Path(str(answer.get("save_sample_path"))).suffix == ".png"
             reported = answer.get("settings")  # ours sends what it used (the drawn seed); the original does not
+            asked = request_settings(request)
             used = {**asked, **(reported if isinstance(reported, dict) else {}), "server": self.url}
             for key in ("start_image", "end_image", "video"):  # the upload's name, not a temporary path
-                used[key] = Path(asked[key]).name if asked[key] else None
-            return save_result(self.output, settings.kind, is_image, lambda path: write_bytes_atomic(path, media),
+                used[key] = asked[key]
+            return save_result(self.output, request.kind, is_image, lambda path: write_bytes_atomic(path, media),
                                used)
+
+
+class RemoteFiles(ServerFiles):
+    """Uploads are checked here against this page's limits; the model, the input video's frames and their decoding
+    are the server's to judge (its refusals come back with the reason)."""
+
+    def __init__(self, limits: UploadLimits):
+        super().__init__(None, None, None, limits)
+
+    def probe_video(self, value, label: str) -> tuple[None, int, int]:
+        _, height, width = super().probe_video(value, label)
+        return None, height, width
+
+    def read_video(self, value, frames: int, size: tuple[int, int], label: str) -> None:
+        return None

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from easyanimate.utils.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from easyanimate.inference.request import RequestError
+from easyanimate.utils.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, probe_video
 
 NONE_CHOICE = "none"
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -25,8 +26,9 @@ SAFETENSORS_SUFFIX = ".safetensors"
 MODEL_MARKERS = ("model_index.json", "transformer/config.json")
 
 
-class RefusedError(ValueError):
-    """A request the server will not carry out; the message names the problem and what to do instead."""
+# A request the server will not carry out; the message names the problem and what to do instead. The same class as
+# the request layer's errors, so every refusal reaches the page and the API the same way.
+RefusedError = RequestError
 
 
 @dataclass(frozen=True)
@@ -133,16 +135,10 @@ def open_image_upload(path: str | os.PathLike, limits: UploadLimits, what: str =
 def check_video_upload(path: str | os.PathLike, limits: UploadLimits, what: str = "video") -> tuple[int, int, int]:
     """Check an uploaded video's type, file size, frame count and size; returns (frames, height, width)."""
     path = _check_upload_file(path, what, VIDEO_SUFFIXES, limits)
-    from decord import VideoReader, cpu
-
     try:
-        reader = VideoReader(str(path), ctx=cpu(0))
-        frames = len(reader)
-        height, width = reader[0].shape[:2] if frames else (0, 0)
-    except Exception as exc:  # decord raises its own DECORDError and RuntimeError for broken files
+        frames, height, width = probe_video(path)
+    except MediaError as exc:
         raise RefusedError(f"the {what} {path.name!r} is not a readable video ({exc})") from exc
-    if frames == 0:
-        raise RefusedError(f"the {what} {path.name!r} has no frames")
     if frames > limits.max_video_frames or max(height, width) > limits.max_side:
         raise RefusedError(
             f"the {what} has {frames} frames of {width}x{height}; the limits are {limits.max_video_frames} frames "

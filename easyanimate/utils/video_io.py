@@ -169,6 +169,29 @@ def read_video(
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 255.0
 
 
+def probe_video(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(frames, height, width) of a video file, from its header and first frame (no full decode)."""
+    path = Path(path)
+    _check_readable(path, "video")
+    if path.suffix.lower() == ".gif":
+        try:
+            with Image.open(path) as gif:
+                return getattr(gif, "n_frames", 1), gif.height, gif.width
+        except Exception as exc:
+            raise MediaError(f"cannot read gif {path} ({exc}); is it a valid gif file?") from exc
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        frames = len(reader)
+        height, width = reader[0].shape[:2] if frames else (0, 0)
+    except Exception as exc:  # decord raises its own DECORDError and RuntimeError
+        raise MediaError(f"cannot read video {path} ({str(exc).strip()}); is it a valid video file?") from exc
+    if frames == 0:
+        raise MediaError(f"video {path} has no frames")
+    return frames, height, width
+
+
 def _read_decord_frames(path: Path, num_frames: int | None) -> np.ndarray:
     import decord
 
