@@ -58,7 +58,6 @@ PRELOAD_MODULE_CLASSES = ["MultiheadAttention", "HunyuanDiTAttentionPool"]
 # pieces and normalises it (e.g. full-width punctuation). The released weights were trained on such tokens.
 T5_ROUND_TRIP_LENGTH = 140
 KNOWN_FRAMES = 3  # frames the image-to-video helper marks as known for a start (and an end) image
-DEFAULT_NEGATIVE_PROMPT = ""  # no negative prompt: what the unconditional row of guidance encodes by default
 
 
 def text_lengths(transformer) -> tuple[int, int]:
@@ -333,6 +332,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------- validation
     def check_inputs(self, prompts, negative_prompts, height, width, video_length, num_inference_steps, strength,
                      video, mask_video, clip_image, clip_apply_ratio, output_type):
+        """Raise ``ValueError`` (``TypeError`` for a wrong type) naming the first argument of a call that cannot
+        work, and how to fix it, before any model runs. Sizes and frame counts the original silently floors are
+        refused with the nearest valid values, and a ``video`` the call would ignore is an error."""
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         if negative_prompts is not None and len(negative_prompts) != len(prompts):
@@ -559,8 +561,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
             raise ValueError(f"generator: got a list of {len(generator)} for a batch of {batch}")
 
         device, dtype, do_cfg = self._execution_device, self.transformer.dtype, guidance_scale > 1.0
-        # under classifier-free guidance the rows are [negative, positive], encoded in one call per encoder
-        texts = ((negatives or [DEFAULT_NEGATIVE_PROMPT] * batch) + prompts) if do_cfg else prompts
+        # under classifier-free guidance the rows are [negative, positive], encoded in one call per encoder; without
+        # a negative prompt the unconditional row encodes the empty text
+        texts = ((negatives or [""] * batch) + prompts) if do_cfg else prompts
         embeds, mask, embeds_2, mask_2 = self.encode_prompt(texts, device)
         self._release(self.text_encoder, self.text_encoder_2)
         timesteps, latent_timestep = self._timesteps(num_inference_steps, strength, device)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from easyanimate.cli import SAMPLER_NAMES  # noqa: E402
+from easyanimate.inference.request import SAMPLER_NAMES  # noqa: E402
 from easyanimate.demo.evaluate import EvalSettings, evaluate, record_to_json, summarize  # noqa: E402
 from easyanimate.demo.shapes import HELD_OUT, training_combinations  # noqa: E402
 

@@ -228,7 +228,7 @@ def test_bad_settings_are_refused_with_the_reason(change, message):
 
 
 def test_reference_size_picks_the_closest_bucket_floored_to_16():
-    # A 1080p frame (ratio 0.5625) falls in the 0.57 bucket; spec §2.1 lists it as [384, 672] at base 512.
+    # A 1080p frame (ratio 0.5625) falls in the 0.57 bucket; the original's bucket table lists it as [384, 672] at base 512.
     assert reference_size(1080, 1920, 512) == tuple(ASPECT_RATIO_512[0.57]) == (384, 672)
     # At base 768 each side is scaled by 1.5 and floored to 16: 576, 1008.
     assert reference_size(1080, 1920, 768) == (576, 1008)
