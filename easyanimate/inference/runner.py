@@ -97,10 +97,14 @@ class LocalFiles:
 
         if isinstance(value, torch.Tensor):
             video = value[0] if value.ndim == 5 else value
-            if video.ndim != 4 or video.shape[0] != 3 or tuple(video.shape[2:]) != tuple(size):
-                raise RequestError(f"the {label} tensor must be (3, F, {size[0]}, {size[1]}) for this size, got "
-                                   f"{tuple(value.shape)}; resize it first")
-            return video[:, :frames].float()
+            if video.ndim != 4 or video.shape[0] != 3:
+                raise RequestError(f"the {label} tensor must be (3, F, H, W) or (1, 3, F, H, W), got "
+                                   f"{tuple(value.shape)}")
+            video = video[:, :frames].float()
+            if tuple(video.shape[2:]) != tuple(size):  # resized like a file's frames (bicubic, antialiased as PIL)
+                video = torch.nn.functional.interpolate(video.transpose(0, 1), size=tuple(size), mode="bicubic",
+                                                        antialias=True).clamp(0, 1).transpose(0, 1)
+            return video
         try:
             return read_video(value, num_frames=frames, size=size)
         except MediaError as exc:
