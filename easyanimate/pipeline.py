@@ -17,6 +17,7 @@ with ``strength < 1``, sizes and frame counts that are rejected instead of floor
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -38,6 +39,9 @@ from diffusers import (
 )
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from easyanimate.models.step_cache import StepCache, StepCacheSettings
+from easyanimate.models.transformer import StepConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -67,42 +71,36 @@ def text_lengths(transformer) -> tuple[int, int]:
 
 @dataclass
 class EasyAnimatePipelineOutput(BaseOutput):
-    """``videos``: (B, 3, F, H, W) float32 in [0, 1] on the CPU (or the final latents for ``output_type="latent"``)."""
+    """``videos``: (B, 3, F, H, W) float32 in [0, 1] on the CPU (or the final latents for ``output_type="latent"``);
+    ``transformer_evaluations``: the denoising steps that ran every transformer block (all of them unless the step
+    cache reused some; summed over the chunks of a long video)."""
 
     videos: torch.Tensor
+    transformer_evaluations: int | None = None
 
 
 @dataclass
 class StepInputs:
-    """What the transformer is given at every step besides the latents and the timestep: computed once per call.
+    """What the transformer is given at every step besides the latents and the timestep, computed once per call.
 
-    Rows are [unconditional, conditional] under classifier-free guidance. ``clip_tokens`` / ``clip_mask`` are None
-    for a text-only model; ``inpaint_latents`` too."""
+    Rows are [unconditional, conditional] under classifier-free guidance. ``conditioning`` carries the CLIP image
+    tokens (InP model); ``conditioning_without_clip`` the all-padding image tokens of the steps before
+    ``clip_apply_ratio`` takes effect. ``embeds`` are the BERT states, for callbacks.
+    """
 
     embeds: torch.Tensor
-    mask: torch.Tensor
-    embeds_2: torch.Tensor
-    mask_2: torch.Tensor
-    rotary: tuple[torch.Tensor, torch.Tensor]
-    image_meta_size: torch.Tensor
-    style: torch.Tensor
+    conditioning: StepConditioning
     inpaint_latents: torch.Tensor | None = None
-    clip_tokens: torch.Tensor | None = None
-    clip_mask: torch.Tensor | None = None
+    conditioning_without_clip: StepConditioning | None = None
 
     def transformer_kwargs(self, use_clip: bool) -> dict[str, Any]:
-        """Keyword arguments of the transformer call; ``use_clip`` False gives zero CLIP tokens with mask 0."""
-        kwargs = dict(
-            encoder_hidden_states=self.embeds, text_embedding_mask=self.mask,
-            encoder_hidden_states_t5=self.embeds_2, text_embedding_mask_t5=self.mask_2,
-            image_meta_size=self.image_meta_size, style=self.style, image_rotary_emb=self.rotary,
-        )
+        """Keyword arguments of one step's transformer call."""
+        conditioning = self.conditioning
+        if not use_clip and self.conditioning_without_clip is not None:
+            conditioning = self.conditioning_without_clip
+        kwargs: dict[str, Any] = dict(conditioning=conditioning)
         if self.inpaint_latents is not None:
-            kwargs.update(
-                inpaint_latents=self.inpaint_latents,
-                clip_encoder_hidden_states=self.clip_tokens if use_clip else torch.zeros_like(self.clip_tokens),
-                clip_attention_mask=self.clip_mask if use_clip else torch.zeros_like(self.clip_mask),
-            )
+            kwargs["inpaint_latents"] = self.inpaint_latents
         return kwargs
 
 
@@ -195,6 +193,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
         self._sampler_config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         self.sampler = next((n for n, c in SAMPLERS.items() if isinstance(scheduler, c)), type(scheduler).__name__)
         self.vae_posterior = "sample"  # "sample" (the original) or "mode" (posterior mean) for conditioning encodes
+        self.step_cache: StepCacheSettings | None = None  # the default of every call; see enable_step_cache
 
     # ------------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -248,6 +247,33 @@ class EasyAnimatePipeline(DiffusionPipeline):
             remove_hook_from_module(module, recurse=True)
             cpu_offload(module, execution_device, offload_buffers=len(module._parameters) > 0,
                         preload_module_classes=PRELOAD_MODULE_CLASSES)
+
+    def enable_step_cache(self, threshold: float | None = None, skip_start_steps: int | None = None) -> None:
+        """Let later calls skip the transformer blocks after the first on steps where the first block's output has
+        changed little since the last full step (accumulated relative change below ``threshold``); the first
+        ``skip_start_steps`` steps and the last always run in full. Without arguments: the recommended values
+        (:mod:`easyanimate.models.step_cache`). Each call starts with an empty cache and reports how many steps ran
+        every block (``transformer_evaluations`` of its output)."""
+        from easyanimate.models.step_cache import RECOMMENDED_SKIP_START_STEPS, RECOMMENDED_THRESHOLD
+
+        self.step_cache = StepCacheSettings(
+            RECOMMENDED_THRESHOLD if threshold is None else threshold,
+            RECOMMENDED_SKIP_START_STEPS if skip_start_steps is None else skip_start_steps,
+        )
+
+    def disable_step_cache(self) -> None:
+        """Run every transformer block at every step (the default)."""
+        self.step_cache = None
+
+    def _new_step_cache(self, settings: StepCacheSettings | bool | None, num_steps: int) -> StepCache | None:
+        """A fresh cache for one call (nothing is carried over between calls), or None when caching is off."""
+        if settings is None:
+            settings = self.step_cache
+        if settings is False or settings is None:
+            return None
+        if not isinstance(settings, StepCacheSettings):
+            raise TypeError(f"step_cache must be StepCacheSettings, False or None, got {type(settings).__name__}")
+        return StepCache(settings, num_steps)
 
     def enable_vae_tiling(self) -> None:
         """Encode/decode in overlapping spatial tiles (lower peak memory for large frames)."""
@@ -510,6 +536,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
         output_type: str = "pt",
         callback_on_step_end: Callable[["EasyAnimatePipeline", int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        step_cache: StepCacheSettings | bool | None = None,
     ) -> EasyAnimatePipelineOutput:
         """Generate videos (or, with ``video_length=1``, images).
 
@@ -533,6 +560,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
             output_type: "pt" (tensor), "np" (numpy array), or "latent" (final latents, not decoded).
             callback_on_step_end: ``fn(pipe, step, timestep, kwargs) -> dict`` after each step; ``kwargs`` holds
                 the tensors named in ``callback_on_step_end_tensor_inputs``; returned entries replace them.
+            step_cache: :class:`~easyanimate.models.step_cache.StepCacheSettings` to let steps whose transformer
+                output barely changes reuse the last full step's (see :meth:`enable_step_cache`); False for none;
+                None (default) as set by :meth:`enable_step_cache` / :meth:`disable_step_cache`.
 
         Every input is checked before any model runs; a bad one raises ``ValueError`` naming it and the fix.
         """
@@ -568,25 +598,36 @@ class EasyAnimatePipeline(DiffusionPipeline):
         self._release(self.text_encoder, self.text_encoder_2)
         timesteps, latent_timestep = self._timesteps(num_inference_steps, strength, device)
         latents = self.prepare_latents(shape, dtype, device, generator, latents, video, latent_timestep)
-        inputs = StepInputs(embeds, mask, embeds_2, mask_2, self._rotary_embedding(height, width, device),
-                            *self._size_and_style(2 * batch if do_cfg else batch, height, width, original_size,
-                                                  crops_coords_top_left, device, dtype))
+        inpaint_latents = clip_tokens = clip_mask = None
         if self.is_inpaint:  # after the latents: both draw from ``generator``, in the original's order
-            inpaint = self.prepare_inpaint_latents(video, mask_video, shape, dtype, device, generator)
-            inputs.inpaint_latents = torch.cat([inpaint] * 2) if do_cfg else inpaint
-            inputs.clip_tokens, inputs.clip_mask = self._clip_inputs(clip_image, batch, device, dtype, do_cfg)
+            inpaint_latents = self.prepare_inpaint_latents(video, mask_video, shape, dtype, device, generator)
+            inpaint_latents = torch.cat([inpaint_latents] * 2) if do_cfg else inpaint_latents
+            clip_tokens, clip_mask = self._clip_inputs(clip_image, batch, device, dtype, do_cfg)
             self._release(self.image_encoder)
+        rows = 2 * batch if do_cfg else batch
+        meta, style = self._size_and_style(rows, height, width, original_size, crops_coords_top_left, device, dtype)
+        prepare = functools.partial(
+            self.transformer.prepare_conditioning, embeds, mask, embeds_2, mask_2, meta, style,
+            image_rotary_emb=self._rotary_embedding(height, width, device), latent_shape=(rows, *shape[2:]),
+        )
+        inputs = StepInputs(embeds, prepare(clip_tokens, clip_mask), inpaint_latents)
+        inputs.conditioning_without_clip = inputs.conditioning.without_clip()
 
+        cache = self._new_step_cache(step_cache, len(timesteps))
         latents = self._denoise(latents, timesteps, inputs, guidance_scale, guidance_rescale, clip_apply_ratio,
                                 self._extra_step_kwargs(generator, eta), callback_on_step_end,
-                                callback_on_step_end_tensor_inputs)
+                                callback_on_step_end_tensor_inputs, cache)
         self._release(self.transformer)
+        evaluations = cache.full_evaluations if cache is not None else len(timesteps)
+        if cache is not None:
+            logger.info("step cache: %d of %d steps ran every transformer block", evaluations, len(timesteps))
         if output_type == "latent":
             self.maybe_free_model_hooks()
-            return EasyAnimatePipelineOutput(videos=latents)
+            return EasyAnimatePipelineOutput(videos=latents, transformer_evaluations=evaluations)
         videos = self.decode_latents(latents)
         self.maybe_free_model_hooks()
-        return EasyAnimatePipelineOutput(videos=videos.numpy() if output_type == "np" else videos)
+        return EasyAnimatePipelineOutput(videos=videos.numpy() if output_type == "np" else videos,
+                                         transformer_evaluations=evaluations)
 
     def _conditioning_video(self, image, end_image, video, mask_video, clip_image, video_length, height, width):
         """``(video, mask_video, clip_image)``: built from ``image`` / ``end_image`` for image-to-video (see
@@ -625,19 +666,24 @@ class EasyAnimatePipeline(DiffusionPipeline):
                 torch.zeros(rows, device=device, dtype=torch.long))
 
     def _denoise(self, latents, timesteps, inputs: StepInputs, guidance_scale: float, guidance_rescale: float,
-                 clip_apply_ratio: float, step_kwargs: dict, callback, callback_tensor_inputs) -> torch.Tensor:
-        """The sampling loop: one transformer call per step for all rows, guidance, one sampler step; the CLIP image
-        tokens are given only in the last ``clip_apply_ratio`` of the steps, as in the original."""
+                 clip_apply_ratio: float, step_kwargs: dict, callback, callback_tensor_inputs,
+                 cache: StepCache | None = None) -> torch.Tensor:
+        """The sampling loop: one transformer call per step for all rows (which ``cache`` may shorten), guidance,
+        one sampler step; the CLIP image tokens are given only in the last ``clip_apply_ratio`` of the steps, as in
+        the original."""
         do_cfg = guidance_scale > 1.0
-        rows = inputs.style.shape[0]
         batch = latents.shape[0]
+        rows = 2 * batch if do_cfg else batch
         use_clip_from = len(timesteps) * (1 - clip_apply_ratio)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 t_model = t.reshape(1).expand(rows).to(model_input.dtype)  # the original casts t to the latent dtype
-                output = self.transformer(model_input, t_model, **inputs.transformer_kwargs(i >= use_clip_from)).sample
+                if cache is not None:
+                    cache.begin_step(i)
+                output = self.transformer(model_input, t_model, step_cache=cache,
+                                          **inputs.transformer_kwargs(i >= use_clip_from)).sample
                 if output.shape[1] == 2 * self.latent_channels:  # learn_sigma: the second half is the variance
                     output = output.chunk(2, dim=1)[0]
                 noise_pred = output

@@ -15,6 +15,7 @@ original's, including quirks the released weights were trained with (each is not
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from torch import nn
 
 from ..utils.weights import load_model_from_folder
 from .rope import rope_for_latent_grid
+from .step_cache import StepCache
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +264,56 @@ def _check_config(basic_block_type: str, time_position_encoding: bool, after_nor
         )
 
 
+class TimestepSizeStyleEmbedding(HunyuanCombinedTimestepTextSizeStyleEmbedding):
+    """HunyuanDiT v1.0's time embedding (which V4 keeps): MLP(sinusoid(t)) + MLP([pooled mT5 states, sinusoids of
+    the six size numbers, style embedding]). The second half does not change between denoising steps, so it is
+    computed once per generation (:meth:`extra_embedding`) and :meth:`forward` adds it to the timestep's part. Same
+    modules and weights as diffusers' class; the result is bit-identical to its forward."""
+
+    def extra_embedding(self, t5_states: torch.Tensor, image_meta_size: torch.Tensor, style: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """The step-invariant part ``(B, hidden)`` from the mT5 states, ``(B, 6)`` sizes and ``(B,)`` style ids."""
+        pooled = self.pooler(t5_states)
+        sizes = self.size_proj(image_meta_size.to(dtype).contiguous().view(-1)).to(dtype=dtype).view(-1, 6 * 256)
+        return self.extra_embedder(torch.cat([pooled, sizes, self.style_embedder(style)], dim=1))
+
+    def forward(self, timestep: torch.Tensor, extra_embedding: torch.Tensor, hidden_dtype=None) -> torch.Tensor:
+        """``temb`` ``(B, hidden)``: the timestep's sinusoid (fp32) through the MLP in ``hidden_dtype``, plus
+        ``extra_embedding``."""
+        return self.timestep_embedder(self.time_proj(timestep).to(dtype=hidden_dtype)) + extra_embedding
+
+
+@dataclass
+class StepConditioning:
+    """The transformer's inputs that stay the same through the denoising steps of one generation, prepared once
+    by :meth:`HunyuanTransformer3DModel.prepare_conditioning`: the size / style / pooled-text part of the time
+    embedding ``(B, hidden)``, the text tokens ``(B, text_len + text_len_t5, cross_attention_dim)``, the CLIP image
+    tokens ``(B, n_query, cross_attention_dim)`` (None for the text-to-video model) and the RoPE ``(cos, sin)``
+    tiled over the frames ``(F*S, head_dim)``."""
+
+    extra_embedding: torch.Tensor
+    text_tokens: torch.Tensor
+    image_tokens: torch.Tensor | None
+    rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    padding_image_tokens: torch.Tensor | None = None  # what image_tokens are with no CLIP image (all clip_padding)
+
+    def without_clip(self) -> "StepConditioning":
+        """The same conditioning with no CLIP image: every image token is the learned ``clip_padding`` row, as
+        zero CLIP states with mask 0 give (without running the Resampler again)."""
+        if self.padding_image_tokens is None:
+            return self
+        return dataclasses.replace(self, image_tokens=self.padding_image_tokens)
+
+    def check_fits(self, batch: int, frames: int, tokens_per_frame: int) -> None:
+        """``ValueError`` unless this was prepared for latents of ``batch`` samples and this frame and patch grid."""
+        if self.text_tokens.shape[0] != batch or self.rotary_emb[0].shape[0] != frames * tokens_per_frame:
+            raise ValueError(
+                f"conditioning was prepared for {self.text_tokens.shape[0]} samples and "
+                f"{self.rotary_emb[0].shape[0]} tokens, but the latents have {batch} samples and "
+                f"{frames * tokens_per_frame} tokens: prepare it with their latent_shape"
+            )
+
+
 def config_is_inpaint(config) -> bool:
     """Whether a transformer config (a dict or a model's ``config``) describes the image-to-video (InP) model: its
     output is not twice its input channels (``2 * in_channels != out_channels``, ``out_channels`` None meaning
@@ -348,7 +400,7 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
             patch_size=patch_size,
             pos_embed_type=None,
         )
-        self.time_extra_emb = HunyuanCombinedTimestepTextSizeStyleEmbedding(
+        self.time_extra_emb = TimestepSizeStyleEmbedding(
             dim,
             pooled_projection_dim=pooled_projection_dim,
             seq_len=text_len_t5,
@@ -391,18 +443,21 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        text_embedding_mask: torch.Tensor,
-        encoder_hidden_states_t5: torch.Tensor,
-        text_embedding_mask_t5: torch.Tensor,
-        image_meta_size: torch.Tensor,
-        style: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor | None = None,
+        text_embedding_mask: torch.Tensor | None = None,
+        encoder_hidden_states_t5: torch.Tensor | None = None,
+        text_embedding_mask_t5: torch.Tensor | None = None,
+        image_meta_size: torch.Tensor | None = None,
+        style: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         inpaint_latents: torch.Tensor | None = None,
         clip_encoder_hidden_states: torch.Tensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        conditioning: "StepConditioning | None" = None,
+        step_cache: StepCache | None = None,
+        conditioning_for: tuple[int, int, int, int] | None = None,
     ):
         """Predict ``(B, out_channels, F, H, W)`` from noisy latents ``hidden_states`` ``(B, C, F, H, W)``.
 
@@ -421,16 +476,32 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
             clip_encoder_hidden_states: InP model: ``(B, T, projection_dim)`` CLIP patch tokens (CLS dropped),
                 T a square number.
             clip_attention_mask: InP model: ``(B, n_query)``; 0 replaces a Resampler token by ``clip_padding``.
+            conditioning: everything above but the latents, inpaint latents and timestep, prepared once per
+                generation by :meth:`prepare_conditioning` (then those arguments are not given); the result is
+                bit-identical to passing them.
+            step_cache: a :class:`~easyanimate.models.step_cache.StepCache` that may let this step reuse the
+                residual of the blocks after the first from an earlier step.
 
         Returns ``Transformer2DModelOutput(sample=...)``, or ``(sample,)`` when ``return_dict`` is false. Raises
-        ``ValueError`` naming the fix when a shape does not fit the config.
+        ``ValueError`` naming the fix when a shape does not fit the config. (``conditioning_for`` is how
+        :meth:`prepare_conditioning` runs: through ``forward``, so that offload hooks load the weights it reads.)
         """
-        self._check_inputs(
-            hidden_states, encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
-            text_embedding_mask_t5, image_meta_size, inpaint_latents, clip_encoder_hidden_states, clip_attention_mask,
-        )
+        if conditioning_for is not None:
+            return self._prepare_conditioning(
+                encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,
+                image_meta_size, style, clip_encoder_hidden_states, clip_attention_mask, image_rotary_emb,
+                conditioning_for,
+            )
+        self._check_latents(hidden_states, inpaint_latents)
         batch, _, frames, height, width = hidden_states.shape
         grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
+        if conditioning is None:
+            conditioning = self._prepare_conditioning(
+                encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,
+                image_meta_size, style, clip_encoder_hidden_states, clip_attention_mask, image_rotary_emb,
+                (batch, frames, height, width),
+            )
+        conditioning.check_fits(batch, frames, grid_h * grid_w)
         dtype = self.pos_embed.proj.weight.dtype
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1)
         if timestep.numel() not in (1, batch):
@@ -438,25 +509,66 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
 
         tokens = self._patchify(hidden_states, inpaint_latents, dtype)
         # The V4 pipeline hands the timestep over in the model dtype (bf16 rounds 961 -> 960): do the same here.
-        timestep = timestep.to(dtype).expand(batch)
-        encoder_hidden_states_t5 = encoder_hidden_states_t5.to(dtype)
-        temb = self.time_extra_emb(
-            timestep, encoder_hidden_states_t5, image_meta_size.to(dtype).contiguous(), style, hidden_dtype=dtype
-        )
-        text_tokens = self._text_tokens(
-            encoder_hidden_states.to(dtype), text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5
-        )
-        image_tokens = None
-        if self.is_inpaint:
-            image_tokens = self._image_tokens(clip_encoder_hidden_states.to(dtype), clip_attention_mask)
-        rotary_emb = self._rotary_emb_for_frames(image_rotary_emb, grid_h, grid_w, frames, tokens.device)
-
-        tokens = self._run_blocks(tokens, temb, text_tokens, image_tokens, rotary_emb, frames)
+        temb = self.time_extra_emb(timestep.to(dtype).expand(batch), conditioning.extra_embedding, hidden_dtype=dtype)
+        args = (temb, conditioning.text_tokens, conditioning.image_tokens, conditioning.rotary_emb, frames)
+        if step_cache is None:
+            tokens = self._run_blocks(tokens, *args)
+        else:
+            tokens = self._run_blocks_cached(tokens, *args, step_cache)
         tokens = self.proj_out(self.norm_out(tokens, temb.to(torch.float32)))
         output = self._unpatchify(tokens, batch, frames, grid_h, grid_w)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+    def prepare_conditioning(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        text_embedding_mask: torch.Tensor,
+        encoder_hidden_states_t5: torch.Tensor,
+        text_embedding_mask_t5: torch.Tensor,
+        image_meta_size: torch.Tensor,
+        style: torch.Tensor,
+        clip_encoder_hidden_states: torch.Tensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        latent_shape: tuple[int, int, int, int],
+    ) -> "StepConditioning":
+        """What every denoising step of one generation is given besides the latents and the timestep, computed
+        once: the text tokens (BERT and projected mT5, padding replaced), the size / style / pooled-text part of the
+        time embedding, the CLIP image tokens (InP model) and the RoPE table tiled over the frames.
+        ``latent_shape`` is ``(batch, frames, height, width)`` of the latents; the other arguments are those of
+        :meth:`forward`. Pass the result to every step's :meth:`forward` as ``conditioning``.
+        """
+        return self.forward(None, None, encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
+                            text_embedding_mask_t5, image_meta_size, style, image_rotary_emb,
+                            clip_encoder_hidden_states=clip_encoder_hidden_states,
+                            clip_attention_mask=clip_attention_mask, conditioning_for=latent_shape)
+
+    def _prepare_conditioning(self, encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
+                              text_embedding_mask_t5, image_meta_size, style, clip_encoder_hidden_states,
+                              clip_attention_mask, image_rotary_emb, latent_shape) -> "StepConditioning":
+        batch, frames, height, width = latent_shape
+        self._check_conditioning(batch, encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
+                                 text_embedding_mask_t5, image_meta_size, clip_encoder_hidden_states,
+                                 clip_attention_mask)
+        grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
+        dtype = self.pos_embed.proj.weight.dtype
+        encoder_hidden_states_t5 = encoder_hidden_states_t5.to(dtype)
+        image_tokens = padding_image_tokens = None
+        if self.is_inpaint:
+            image_tokens = self._image_tokens(clip_encoder_hidden_states.to(dtype), clip_attention_mask)
+            padding_image_tokens = self.clip_padding.to(image_tokens).expand_as(image_tokens).contiguous()
+        return StepConditioning(
+            extra_embedding=self.time_extra_emb.extra_embedding(encoder_hidden_states_t5, image_meta_size, style, dtype),
+            text_tokens=self._text_tokens(encoder_hidden_states.to(dtype), text_embedding_mask,
+                                          encoder_hidden_states_t5, text_embedding_mask_t5),
+            image_tokens=image_tokens,
+            padding_image_tokens=padding_image_tokens,
+            rotary_emb=self._rotary_emb_for_frames(image_rotary_emb, grid_h, grid_w, frames,
+                                                   encoder_hidden_states.device),
+        )
 
     def _patchify(
         self, latents: torch.Tensor, inpaint_latents: torch.Tensor | None, dtype: torch.dtype
@@ -504,12 +616,15 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
 
     def _run_blocks(self, tokens: torch.Tensor, temb: torch.Tensor, text_tokens: torch.Tensor,
                     image_tokens: torch.Tensor | None, rotary_emb: tuple[torch.Tensor, torch.Tensor],
-                    frames: int) -> torch.Tensor:
-        """All blocks with the U-ViT long skips: blocks ``0 .. L/2-2`` push their output, blocks ``L/2+1 .. L-1``
-        pop one each (last in, first out), so block ``L-1-i`` receives block ``i``'s output."""
-        skips = []
+                    frames: int, start: int = 0, end: int | None = None,
+                    skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Blocks ``start .. end - 1`` (default: all) with the U-ViT long skips: blocks ``0 .. L/2-2`` push their
+        output onto ``skips``, blocks ``L/2+1 .. L-1`` pop one each (last in, first out), so block ``L-1-i``
+        receives block ``i``'s output. ``skips`` holds what the blocks before ``start`` pushed."""
+        skips = [] if skips is None else skips
         num_layers = len(self.blocks)
-        for layer, block in enumerate(self.blocks):
+        for layer in range(start, num_layers if end is None else end):
+            block = self.blocks[layer]
             skip = skips.pop() if layer > num_layers // 2 else None
             args = (tokens, temb, text_tokens, image_tokens, rotary_emb, frames, skip)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -520,6 +635,18 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
                 skips.append(tokens)
         return tokens
 
+    def _run_blocks_cached(self, tokens: torch.Tensor, temb: torch.Tensor, text_tokens: torch.Tensor,
+                           image_tokens: torch.Tensor | None, rotary_emb: tuple[torch.Tensor, torch.Tensor],
+                           frames: int, cache: StepCache) -> torch.Tensor:
+        """The first block, then either every other block (refreshing the cache) or the cached residual."""
+        skips: list[torch.Tensor] = []
+        first = self._run_blocks(tokens, temb, text_tokens, image_tokens, rotary_emb, frames, end=1, skips=skips)
+        if cache.reuse(first):
+            return cache.cached_output(first)
+        output = self._run_blocks(first, temb, text_tokens, image_tokens, rotary_emb, frames, start=1, skips=skips)
+        cache.store(first, output)
+        return output
+
     def _unpatchify(self, tokens: torch.Tensor, batch: int, frames: int, grid_h: int, grid_w: int) -> torch.Tensor:
         """``(B, F*S, p*p*out_channels)`` with each token's vector ordered ``(p_row, p_col, channel)`` ->
         ``(B, out_channels, F, grid_h*p, grid_w*p)``."""
@@ -527,10 +654,8 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
         tokens = tokens.reshape(batch, frames, grid_h, grid_w, p, p, self.out_channels)
         return tokens.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, self.out_channels, frames, grid_h * p, grid_w * p)
 
-    def _check_inputs(
-        self, hidden_states, encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
-        text_embedding_mask_t5, image_meta_size, inpaint_latents, clip_encoder_hidden_states, clip_attention_mask,
-    ) -> None:
+    def _check_latents(self, hidden_states, inpaint_latents) -> None:
+        """``ValueError`` naming the fix when the latents (and inpaint latents) do not fit the config."""
         cfg = self.config
         if hidden_states.ndim != 5:
             raise ValueError(
@@ -558,14 +683,28 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
                 + (f" + {extra} inpaint channels" if extra else "")
                 + (" (the text-to-video model takes no inpaint_latents)" if not self.is_inpaint and extra else "")
             )
-        if inpaint_latents is not None and (inpaint_latents.shape[0] != batch or inpaint_latents.shape[2:] != hidden_states.shape[2:]):
+        if inpaint_latents is not None and (inpaint_latents.shape[0] != batch
+                                            or inpaint_latents.shape[2:] != hidden_states.shape[2:]):
             raise ValueError(
-                f"inpaint_latents {tuple(inpaint_latents.shape)} must match hidden_states {tuple(hidden_states.shape)} "
-                "in batch, frames, height and width"
+                f"inpaint_latents {tuple(inpaint_latents.shape)} must match hidden_states "
+                f"{tuple(hidden_states.shape)} in batch, frames, height and width"
             )
+
+    def _check_conditioning(self, batch, encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
+                            text_embedding_mask_t5, image_meta_size, clip_encoder_hidden_states,
+                            clip_attention_mask) -> None:
+        """``ValueError`` naming the fix when a conditioning input is missing or does not fit the config."""
+        cfg = self.config
+        for name, value in (("encoder_hidden_states", encoder_hidden_states), ("text_embedding_mask",
+                            text_embedding_mask), ("encoder_hidden_states_t5", encoder_hidden_states_t5),
+                            ("text_embedding_mask_t5", text_embedding_mask_t5), ("image_meta_size", image_meta_size)):
+            if value is None:
+                raise ValueError(f"{name} is required (or pass conditioning= from prepare_conditioning)")
         for name, states, mask, length, width_expected in (
-            ("encoder_hidden_states", encoder_hidden_states, text_embedding_mask, cfg.text_len, cfg.cross_attention_dim),
-            ("encoder_hidden_states_t5", encoder_hidden_states_t5, text_embedding_mask_t5, cfg.text_len_t5, cfg.cross_attention_dim_t5),
+            ("encoder_hidden_states", encoder_hidden_states, text_embedding_mask, cfg.text_len,
+             cfg.cross_attention_dim),
+            ("encoder_hidden_states_t5", encoder_hidden_states_t5, text_embedding_mask_t5, cfg.text_len_t5,
+             cfg.cross_attention_dim_t5),
         ):
             if states.ndim != 3 or tuple(states.shape) != (batch, length, width_expected):
                 raise ValueError(
@@ -573,33 +712,39 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
                     f"The text length is fixed by the checkpoint: pad/truncate the tokenizer output to {length}."
                 )
             if tuple(mask.shape) != (batch, length):
-                raise ValueError(f"the attention mask of {name} must have shape ({batch}, {length}); got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"the attention mask of {name} must have shape ({batch}, {length}); got {tuple(mask.shape)}"
+                )
         if tuple(image_meta_size.shape) != (batch, 6):
             raise ValueError(
                 f"image_meta_size must have shape ({batch}, 6) [orig_h, orig_w, target_h, target_w, crop_top, "
                 f"crop_left]; got {tuple(image_meta_size.shape)}"
             )
         if self.is_inpaint:
-            if clip_encoder_hidden_states is None or clip_attention_mask is None:
-                raise ValueError(
-                    "the image-to-video (InP) model needs clip_encoder_hidden_states (B, 256, 1024 for CLIP ViT-L/14) "
-                    f"and clip_attention_mask (B, {cfg.n_query}); with no reference image pass zeros for both."
-                )
-            tokens = clip_encoder_hidden_states.shape[1] if clip_encoder_hidden_states.ndim == 3 else 0
-            if (
-                clip_encoder_hidden_states.ndim != 3
-                or clip_encoder_hidden_states.shape[0] != batch
-                or clip_encoder_hidden_states.shape[2] != cfg.projection_dim
-                or math.isqrt(tokens) ** 2 != tokens
-            ):
-                raise ValueError(
-                    f"clip_encoder_hidden_states must be (B={batch}, T, {cfg.projection_dim}) with T a square number "
-                    f"of patch tokens (CLS dropped); got {tuple(clip_encoder_hidden_states.shape)}"
-                )
-            if tuple(clip_attention_mask.shape) != (batch, cfg.n_query):
-                raise ValueError(
-                    f"clip_attention_mask must have shape ({batch}, {cfg.n_query}); got {tuple(clip_attention_mask.shape)}"
-                )
+            self._check_clip_inputs(batch, clip_encoder_hidden_states, clip_attention_mask)
+
+    def _check_clip_inputs(self, batch, clip_encoder_hidden_states, clip_attention_mask) -> None:
+        cfg = self.config
+        if clip_encoder_hidden_states is None or clip_attention_mask is None:
+            raise ValueError(
+                "the image-to-video (InP) model needs clip_encoder_hidden_states (B, 256, 1024 for CLIP ViT-L/14) "
+                f"and clip_attention_mask (B, {cfg.n_query}); with no reference image pass zeros for both."
+            )
+        tokens = clip_encoder_hidden_states.shape[1] if clip_encoder_hidden_states.ndim == 3 else 0
+        if (
+            clip_encoder_hidden_states.ndim != 3
+            or clip_encoder_hidden_states.shape[0] != batch
+            or clip_encoder_hidden_states.shape[2] != cfg.projection_dim
+            or math.isqrt(tokens) ** 2 != tokens
+        ):
+            raise ValueError(
+                f"clip_encoder_hidden_states must be (B={batch}, T, {cfg.projection_dim}) with T a square number "
+                f"of patch tokens (CLS dropped); got {tuple(clip_encoder_hidden_states.shape)}"
+            )
+        if tuple(clip_attention_mask.shape) != (batch, cfg.n_query):
+            raise ValueError(
+                f"clip_attention_mask must have shape ({batch}, {cfg.n_query}); got {tuple(clip_attention_mask.shape)}"
+            )
 
     # ------------------------------------------------------------------------------------------------ loading
 
