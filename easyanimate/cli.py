@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from easyanimate.inference.defaults import DEMO_MODEL_NAME, read_model_defaults
+from easyanimate.models.step_cache import RECOMMENDED_SKIP_START_STEPS, RECOMMENDED_THRESHOLD
 from easyanimate.inference.request import (
     DEFAULT_LORA_STRENGTH,
     DTYPES,
@@ -45,7 +46,8 @@ LABELS = {
     "seed": "--seed", "fps": "--fps", "partial_frames": "--chunk-frames", "overlap_frames": "--overlap",
     "denoise_strength": "--strength", "start_image": "--image", "end_image": "--end-image", "video": "--video",
     "lora": "--lora", "lora_strength": "--lora-weight", "transformer_weights": "--transformer-path",
-    "vae_weights": "--vae-path", "device": "--device",
+    "vae_weights": "--vae-path", "device": "--device", "step_cache": "--step-cache",
+    "step_cache_skip_start": "--step-cache-skip-start",
 }
 RECOMMENDED = "the model's recommended setting (its generation_defaults.json; the released model: {})"
 
@@ -111,6 +113,14 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     gen.add_argument("--frames", type=int, default=None,
                      help=f"number of frames: 1 (an image) or a multiple of {FRAME_MULTIPLE}; other counts are "
                           "rounded down with a notice, as the original does; default: " + RECOMMENDED.format(144))
+    gen.add_argument("--step-cache", type=float, nargs="?", const=RECOMMENDED_THRESHOLD, default=0.0,
+                     metavar="THRESHOLD",
+                     help="reuse the transformer's work on steps where its first block's output changed little "
+                          "(accumulated relative change below THRESHOLD; alone: the recommended "
+                          f"{RECOMMENDED_THRESHOLD}); 0 = off. Fewer full transformer evaluations, slightly "
+                          "different videos; the JSON records how many ran")
+    gen.add_argument("--step-cache-skip-start", type=int, default=RECOMMENDED_SKIP_START_STEPS, metavar="N",
+                     help="with --step-cache: the first N steps always run in full")
     if task == "i2v":
         gen.add_argument("--image", nargs="+", required=True,
                          help="start image, kept as the first 3 frames; several images are the first frames in "
@@ -167,7 +177,8 @@ def to_request(task: str, args: argparse.Namespace):
         model=str(args.model), kind=kind, sampler=args.sampler, seed=args.seed, lora=args.lora,
         lora_strength=args.lora_weight, transformer_weights=args.transformer_path, vae_weights=args.vae_path,
         memory_mode=args.memory_mode, dtype=args.dtype, device=args.device, vae_tiling=args.vae_tiling,
-        fps=args.fps, color_transfer=args.color_transfer,
+        fps=args.fps, color_transfer=args.color_transfer, step_cache=args.step_cache,
+        step_cache_skip_start=args.step_cache_skip_start,
     )
     if task == "i2v":  # one image as itself (the pipeline keeps it on 3 frames), several as frames
         request = request.replace(start_image=_one_or_list(args.image), end_image=_one_or_list(args.end_image),

@@ -756,8 +756,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
         model; other keyword arguments go to every chunk's call."""
         from easyanimate.inference.long_video import generate_long_video
 
-        return EasyAnimatePipelineOutput(videos=generate_long_video(
-            self, prompt, video_length, chunk_length, overlap, image=image, end_image=end_image, **call_kwargs))
+        long_video = generate_long_video(self, prompt, video_length, chunk_length, overlap, image=image,
+                                         end_image=end_image, **call_kwargs)
+        return EasyAnimatePipelineOutput(long_video.videos, long_video.transformer_evaluations)
 
 
 def _as_prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str] | None]:

@@ -128,7 +128,7 @@ def test_long_video_runs_as_many_passes_as_progress_counts():
     pipe = _Callable(call, frame_multiple=8, is_inpaint=True)
     for frames, chunk, overlap in [(8, 8, 4), (12, 8, 4), (30, 16, 4), (100, 24, 1), (64, 64, 3), (65, 64, 3)]:
         calls.clear()
-        video = generate_long_video(pipe, "p", frames, chunk, overlap)
+        video = generate_long_video(pipe, "p", frames, chunk, overlap).videos
         assert video.shape[2] == frames
         assert len(calls) == long_video_chunks(frames, chunk, overlap), (frames, chunk, overlap)
         assert all(n % 8 == 0 for n in calls)

@@ -11,11 +11,20 @@ the original web UI's "Long Video Generation" does. The end image goes on the la
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import PIL.Image
 import torch
 
 from easyanimate.inference.request import long_video_chunks
+
+@dataclass
+class LongVideo:
+    """A long video (1, 3, F, H, W) in [0, 1] and the steps of all its chunks that ran every transformer block."""
+
+    videos: torch.Tensor
+    transformer_evaluations: int | None
+
 
 # Settings a long video decides itself for every chunk; a caller may not pass them.
 CHUNK_DECIDED = ("video", "mask_video", "clip_image", "latents", "strength", "output_type", "video_length")
@@ -41,25 +50,29 @@ def check_long_video(pipe, prompt, video_length: int, chunk_length: int, overlap
 
 @torch.no_grad()
 def generate_long_video(pipe, prompt: str, video_length: int, chunk_length: int = 72, overlap: int = 4, image=None,
-                        end_image=None, **call_kwargs) -> torch.Tensor:
-    """(1, 3, ``video_length``, H, W) in [0, 1]: ``video_length`` frames in chunks of ``chunk_length`` that share
+                        end_image=None, **call_kwargs) -> "LongVideo":
+    """(1, 3, ``video_length``, H, W) in [0, 1] (``.videos``), with the transformer evaluations of every chunk
+    summed (``.transformer_evaluations``): ``video_length`` frames in chunks of ``chunk_length`` that share
     ``overlap`` frames (see the module docstring). ``image`` / ``end_image`` as for one pipeline call; other keyword
     arguments (height, width, num_inference_steps, guidance_scale, generator, negative_prompt, ...) go to every
     call. Needs the InP model."""
     check_long_video(pipe, prompt, video_length, chunk_length, overlap, call_kwargs)
     m = pipe.frame_multiple
     chunks = long_video_chunks(video_length, chunk_length, overlap)
-    result, start_frames = None, image
+    result, start_frames, evaluations = None, image, []
     for index in range(chunks):
         last = index == chunks - 1
         remaining = video_length - index * (chunk_length - overlap)  # frames not yet covered before the overlap
         frames = math.ceil(remaining / m) * m if last else chunk_length
-        chunk = pipe(prompt, video_length=frames, image=start_frames, end_image=end_image if last else None,
-                     **call_kwargs).videos
+        out = pipe(prompt, video_length=frames, image=start_frames, end_image=end_image if last else None,
+                   **call_kwargs)
+        evaluations.append(getattr(out, "transformer_evaluations", None))
+        chunk = out.videos
         result = chunk if result is None else _cross_fade(result, chunk, overlap)
         if not last:
             start_frames = _last_frames_as_images(result, overlap)
-    return result[:, :, :video_length]
+    total = None if None in evaluations else sum(evaluations)
+    return LongVideo(result[:, :, :video_length], total)
 
 
 def _cross_fade(video: torch.Tensor, chunk: torch.Tensor, overlap: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from easyanimate.models.step_cache import RECOMMENDED_SKIP_START_STEPS
+
 TEXT_TO_VIDEO = "Text to Video"
 TEXT_TO_IMAGE = "Text to Image"
 IMAGE_TO_VIDEO = "Image to Video"
@@ -33,9 +35,13 @@ IMAGE_KINDS = (IMAGE_TO_VIDEO, LONG_VIDEO)  # the kinds that take start / end im
 # two in sync; this list needs no heavy imports, so --help and input checks stay fast).
 SAMPLER_NAMES = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM", "LCM")
 # Where the weights live while generating; only matters on an accelerator. "gpu": all on the GPU;
-# "model_cpu_offload": each model moves to the GPU while it runs; "sequential_cpu_offload": every layer streams in.
-MEMORY_MODES = ("model_cpu_offload", "sequential_cpu_offload", "gpu")
-MEMORY_MODE_ALIASES = {"none": "gpu"}  # the command lines' earlier name for "gpu"
+# "model_cpu_offload": each model moves to the GPU while it runs; "model_cpu_offload_and_fp8": the same with the
+# transformer's large weights stored in fp8 (half their bytes; on a CPU the fp8 storage applies alone);
+# "sequential_cpu_offload": every layer streams in.
+MEMORY_MODES = ("model_cpu_offload", "model_cpu_offload_and_fp8", "sequential_cpu_offload", "gpu")
+# "none": the command lines' earlier name for "gpu"; "model_cpu_offload_and_qfloat8": the original's name.
+MEMORY_MODE_ALIASES = {"none": "gpu", "model_cpu_offload_and_qfloat8": "model_cpu_offload_and_fp8"}
+FP8_MEMORY_MODES = ("model_cpu_offload_and_fp8",)  # the modes that store the transformer's weights in fp8
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 SIZE_MULTIPLE = 16  # the transformer's patch (2) times the VAE's spatial downsampling (8)
@@ -86,6 +92,8 @@ DEFAULT_LABELS = {
     "transformer_weights": "transformer weights",
     "vae_weights": "VAE weights",
     "base_resolution": "base resolution",
+    "step_cache": "step cache threshold",
+    "step_cache_skip_start": "step cache start steps",
 }
 
 # The released model's recommended settings, used for any model folder that brings none of its own
@@ -110,7 +118,8 @@ class GenerationRequest:
     name files (None: none). ``frames`` is ignored for text to image (one frame). ``start_image`` / ``end_image``
     are one image (kept on the first / last 3 frames) or a list of images (kept as that many first / last frames);
     ``video`` is the input of video to video. ``partial_frames`` / ``overlap_frames`` chunk a long video.
-    ``seed`` -1 draws a random seed, recorded with the result. Defaults are the released model's recommended
+    ``seed`` -1 draws a random seed, recorded with the result. ``step_cache`` > 0 lets steps whose transformer output
+    barely changes reuse the last full step's (:mod:`easyanimate.models.step_cache`). Defaults are the released model's recommended
     settings; :meth:`ModelDefaults.request <easyanimate.inference.defaults.ModelDefaults.request>` starts from
     a model folder's own.
     """
@@ -139,11 +148,14 @@ class GenerationRequest:
     end_image: ImageInput | list[ImageInput] | None = None
     video: VideoInput | None = None
     memory_mode: str = "model_cpu_offload"
+    compile: bool = False  # torch.compile each transformer block (regional compilation; see inference/loading.py)
     dtype: str = "auto"
     device: str | None = None
     vae_tiling: bool = False
     fps: int = 24
     color_transfer: bool = False
+    step_cache: float = 0.0  # threshold of the adaptive step cache; 0 runs every transformer block at every step
+    step_cache_skip_start: int = RECOMMENDED_SKIP_START_STEPS  # steps at the start that always run in full
 
     def replace(self, **changes) -> "GenerationRequest":
         """A copy with ``changes`` applied."""
@@ -205,6 +217,11 @@ def check_request(request: GenerationRequest, *, labels: Mapping[str, str] | Non
         c.fail(f"unknown memory mode {request.memory_mode!r}; choose one of {list(MEMORY_MODES)}")
     if request.dtype not in DTYPES:
         c.fail(f"unknown dtype {request.dtype!r}; choose one of {list(DTYPES)}")
+    memory_mode = MEMORY_MODE_ALIASES.get(request.memory_mode, request.memory_mode)
+    if request.compile and memory_mode == "sequential_cpu_offload":
+        # Its hooks swap every layer's weights in and out inside the forward, which a compiled block cannot trace.
+        c.fail(f"{c.label('compile')} does not work with memory mode sequential_cpu_offload; for a small GPU use "
+               "model_cpu_offload_and_fp8 with it, or turn compile off")
     if request.kind == TEXT_TO_VIDEO and request.frames == 1:
         request = request.replace(kind=TEXT_TO_IMAGE)
     _check_numbers(c, request)
@@ -228,6 +245,9 @@ def _check_numbers(c: _Checker, r: GenerationRequest) -> None:
     if r.seed != -1 and not 0 <= r.seed <= SEED_MAX:
         c.fail(f"{c.label('seed')} must be between 0 and {SEED_MAX} (or -1 for a random one), got {r.seed}")
     c.at_least("fps", r.fps, 1)
+    if not (math.isfinite(r.step_cache) and r.step_cache >= 0):
+        c.fail(f"{c.label('step_cache')} must be a number >= 0 (0 turns step caching off), got {r.step_cache}")
+    c.at_least("step_cache_skip_start", r.step_cache_skip_start, 0)
     if r.kind == VIDEO_TO_VIDEO:
         if limits is not None:
             c.in_range("denoise_strength", r.denoise_strength, limits.denoise_strength)

@@ -37,6 +37,7 @@ from easyanimate.inference.request import (
     media_name,
     reference_size,
 )
+from easyanimate.models.step_cache import StepCacheSettings
 from easyanimate.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -250,16 +251,18 @@ def generate(pipe, prepared: PreparedRequest, on_step: ProgressCallback | None =
     if prepared.lora_path is not None:
         pipe.load_lora(prepared.lora_path, r.lora_strength)
     try:
-        videos = _call_pipeline(pipe, prepared, step_end)
+        videos, evaluations = _call_pipeline(pipe, prepared, step_end)
     finally:
         if prepared.lora_path is not None:
             pipe.unload_lora()
     settings = prepared.settings()
-    settings["seconds"] = round(time.time() - began, 2)
+    settings.update(seconds=round(time.time() - began, 2), transformer_evaluations=evaluations)
     return Generation(videos, settings)
 
 
-def _call_pipeline(pipe, prepared: PreparedRequest, step_end) -> torch.Tensor:
+def _call_pipeline(pipe, prepared: PreparedRequest, step_end) -> tuple[torch.Tensor, int | None]:
+    """The pipeline call the request's kind needs; returns the videos and the steps that ran every transformer
+    block (None when the pipeline does not say)."""
     r = prepared.request
     common = dict(
         prompt=r.prompt,
@@ -270,18 +273,20 @@ def _call_pipeline(pipe, prepared: PreparedRequest, step_end) -> torch.Tensor:
         guidance_scale=r.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(prepared.seed),
         callback_on_step_end=step_end,
+        step_cache=StepCacheSettings(r.step_cache, r.step_cache_skip_start) if r.step_cache > 0 else False,
     )
     if r.kind == VIDEO_TO_VIDEO:
         # every pixel is generated (mask 255), as the original passes it; strength decides how far from the video
         mask = torch.full((1, 1, *prepared.video.shape[2:]), 255.0)
-        return pipe(video_length=prepared.frames, video=prepared.video, mask_video=mask,
-                    strength=r.denoise_strength, **common).videos
-    if r.kind == LONG_VIDEO:
-        return pipe.generate_long_video(video_length=prepared.frames, chunk_length=r.partial_frames,
-                                        overlap=r.overlap_frames, image=prepared.start_image,
-                                        end_image=prepared.end_image, **common).videos
-    return pipe(video_length=prepared.frames, image=prepared.start_image, end_image=prepared.end_image,
-                **common).videos
+        out = pipe(video_length=prepared.frames, video=prepared.video, mask_video=mask,
+                   strength=r.denoise_strength, **common)
+    elif r.kind == LONG_VIDEO:
+        out = pipe.generate_long_video(video_length=prepared.frames, chunk_length=r.partial_frames,
+                                       overlap=r.overlap_frames, image=prepared.start_image,
+                                       end_image=prepared.end_image, **common)
+    else:
+        out = pipe(video_length=prepared.frames, image=prepared.start_image, end_image=prepared.end_image, **common)
+    return out.videos, getattr(out, "transformer_evaluations", None)
 
 
 def write_result(generation: Generation, path: str | Path, *, fps: int | None = None,
@@ -321,10 +326,10 @@ def run(request: GenerationRequest, output: str | Path, *, files: LocalFiles | N
 
 def load_for(prepared: PreparedRequest):
     """The pipeline a prepared request asks for: its model folder, replacement weights, memory mode, dtype,
-    device, sampler and VAE tiling."""
+    device, sampler, VAE tiling and compiled blocks."""
     from easyanimate.inference.loading import load_pipeline
 
     r = prepared.request
     return load_pipeline(prepared.model_path, prepared.transformer_weights_path,
                          vae_weights=prepared.vae_weights_path, memory_mode=r.memory_mode, dtype=r.dtype,
-                         device=r.device, sampler=r.sampler, vae_tiling=r.vae_tiling)
+                         device=r.device, sampler=r.sampler, vae_tiling=r.vae_tiling, compile=r.compile)

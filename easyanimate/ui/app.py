@@ -26,6 +26,7 @@ import gradio as gr
 
 from easyanimate.demo.examples import IMAGE_TEMPLATES, TEXT_EXAMPLES
 from easyanimate.inference.defaults import DEMO_MODEL_NAME
+from easyanimate.models.step_cache import RECOMMENDED_THRESHOLD
 from easyanimate.ui.generation import (
     BASE_RESOLUTIONS,
     IMAGE_TO_VIDEO,
@@ -59,7 +60,8 @@ DEFAULT_MODEL_NAME = DEMO_MODEL_NAME  # preselected when present: the small ship
 GENERATE_INPUTS = (
     "model", "lora", "lora_strength", "prompt", "negative_prompt", "kind", "sampler", "steps", "width", "height",
     "frames", "guidance_scale", "seed", "resize_to_reference", "base_resolution", "start_image", "end_image", "video",
-    "denoise_strength", "partial_frames", "overlap_frames", "transformer_weights",
+    "denoise_strength", "partial_frames", "overlap_frames", "transformer_weights", "step_cache",
+    "step_cache_skip_start",
 )
 # The settings that follow a model's recommended ones when the model is chosen.
 RECOMMENDED = ("negative_prompt", "guidance_scale", "steps", "width", "height", "frames")
@@ -175,6 +177,13 @@ def _generation_inputs(ui: SimpleNamespace, setup: PageSetup) -> None:
                               label="Frames", elem_id="frames")
         ui.seed = gr.Number(defaults.seed, precision=0, label="Seed (-1 = random)")
         ui.dice = gr.Button("Random seed", scale=0)
+    with gr.Row():
+        ui.step_cache = gr.Slider(0.0, 0.5, value=defaults.step_cache, step=0.01, elem_id="step-cache",
+                                  label="Step cache threshold (0 = off)",
+                                  info=f"faster: steps whose transformer output barely changes reuse the last full "
+                                       f"step's; {RECOMMENDED_THRESHOLD} is the recommended value")
+        ui.step_cache_skip_start = gr.Number(defaults.step_cache_skip_start, precision=0, minimum=0,
+                                             label="Steps always run in full at the start")
 
 
 def _demo_examples(ui: SimpleNamespace, setup: PageSetup) -> None:
@@ -208,7 +217,8 @@ def _results(ui: SimpleNamespace) -> None:
 def page_request(values: dict) -> GenerationRequest:
     """The request the page's (or an API client's) values describe; an empty seed box is -1 (random)."""
     numbers = dict(steps=int, width=int, height=int, frames=int, guidance_scale=float, lora_strength=float,
-                   denoise_strength=float, partial_frames=int, overlap_frames=int, base_resolution=int)
+                   denoise_strength=float, partial_frames=int, overlap_frames=int, base_resolution=int,
+                   step_cache=float, step_cache_skip_start=int)
     request = {key: numbers[key](value) if key in numbers else value for key, value in values.items()}
     request.update(prompt=request["prompt"] or "", negative_prompt=request["negative_prompt"] or "",
                    seed=-1 if request["seed"] is None else int(request["seed"]),
@@ -265,7 +275,9 @@ def _wire_events(demo: gr.Blocks, ui: SimpleNamespace, studio, setup: PageSetup)
                  guidance_scale, seed, resize_to_reference, base_resolution,
                  start_image=None, end_image=None, video=None,  # optional for API clients: None is "not given"
                  denoise_strength=defaults.denoise_strength, partial_frames=defaults.partial_frames,
-                 overlap_frames=defaults.overlap_frames, transformer_weights=NONE_CHOICE, progress=gr.Progress()):
+                 overlap_frames=defaults.overlap_frames, transformer_weights=NONE_CHOICE,
+                 step_cache=defaults.step_cache, step_cache_skip_start=defaults.step_cache_skip_start,
+                 progress=gr.Progress()):
         values = {key: value for key, value in locals().items() if key in GENERATE_INPUTS}
         try:
             request = page_request(values)

@@ -63,6 +63,9 @@ INFER_DEFAULTS: dict[str, Any] = {
     "validation_video": None,
     "denoise_strength": 0.70,
     "seed_textbox": 43,
+    # ours (the original has no step cache): the adaptive step cache's threshold (0 = off) and full start steps
+    "step_cache_threshold": 0.0,
+    "step_cache_skip_start_steps": GenerationSettings.step_cache_skip_start,
 }
 
 def _error(exc: Exception | str) -> dict[str, str]:
@@ -204,6 +207,8 @@ class OriginalAPI:
             start_image=start,
             end_image=end,
             video=video,
+            step_cache=float(v["step_cache_threshold"]),
+            step_cache_skip_start=int(v["step_cache_skip_start_steps"]),
         )
 
 
@@ -240,6 +245,8 @@ def infer_request(settings: GenerationSettings) -> dict[str, Any]:
         "validation_video": _encode_file(settings.video),
         "denoise_strength": settings.denoise_strength,
         "seed_textbox": settings.seed,
+        "step_cache_threshold": settings.step_cache,
+        "step_cache_skip_start_steps": settings.step_cache_skip_start,
     }
 
 
