@@ -36,6 +36,7 @@ from easyanimate.inference import (
 )
 from easyanimate.inference.loading import load_pipeline
 from easyanimate.inference.request import DEFAULT_LORA_STRENGTH, FRAME_MULTIPLE, SEED_MAX, SIZE_MULTIPLE
+from easyanimate.models.step_cache import RECOMMENDED_THRESHOLD
 
 from .frames import images_to_pil, images_to_video, video_to_images
 from .model_folders import EasyAnimateModel, model_names, model_path
@@ -58,6 +59,8 @@ LABELS = {
     "end_image": "end_image",
     "video": "video",
     "lora_strength": "strength",
+    "step_cache": "step_cache",
+    "step_cache_skip_start": "step_cache_start_steps",
 }
 
 
@@ -121,6 +124,17 @@ def sampling_inputs(frames: tuple) -> dict:
         "width": _size(RELEASED.width, "width"),
         "height": _size(RELEASED.height, "height"),
         "frames": frames,
+    }
+
+
+def step_cache_inputs() -> dict:
+    """The step cache's inputs, optional so that prompts written without them keep working (off by default)."""
+    return {
+        "step_cache": _float(_REQUEST.step_cache, 0.0, 1.0, tooltip=f"faster: steps whose transformer output "
+                             f"barely changes reuse the last full step's; 0 = off, {RECOMMENDED_THRESHOLD} is "
+                             "the recommended value"),
+        "step_cache_start_steps": _int(_REQUEST.step_cache_skip_start, 0, 1000,
+                                       tooltip="steps always run in full at the start"),
     }
 
 
@@ -202,10 +216,12 @@ class _Sampler:
     FUNCTION = "sample"
 
     def sample(self, model: EasyAnimateModel, prompt: str, negative_prompt: str, sampler_name: str, steps: int,
-               cfg: float, seed: int, **settings):
+               cfg: float, seed: int, step_cache: float = _REQUEST.step_cache,
+               step_cache_start_steps: int = _REQUEST.step_cache_skip_start, **settings):
         """Run the request; ``settings`` are the request fields the node adds (size, frames, images, video...)."""
         request = model.request(kind=self.KIND, prompt=prompt, negative_prompt=negative_prompt, sampler=sampler_name,
-                                steps=steps, guidance_scale=cfg, seed=seed, **settings)
+                                steps=steps, guidance_scale=cfg, seed=seed, step_cache=step_cache,
+                                step_cache_skip_start=step_cache_start_steps, **settings)
         prepared = prepare(request, LocalFiles(), labels=LABELS, is_inpaint=model.pipe.is_inpaint)
         comfy.model_management.throw_exception_if_processing_interrupted()
         generation = generate(model.pipe, prepared, comfy_progress())
@@ -225,7 +241,7 @@ class TextToVideo(_Sampler):
     @classmethod
     def INPUT_TYPES(cls):
         frames = _frames(RELEASED.frames, 1, 1, f"1 (an image) or a multiple of {FRAME_MULTIPLE}")
-        return {"required": sampling_inputs(frames)}
+        return {"required": sampling_inputs(frames), "optional": step_cache_inputs()}
 
 
 class ImageToVideo(_Sampler):
@@ -239,7 +255,7 @@ class ImageToVideo(_Sampler):
     def INPUT_TYPES(cls):
         frames = _frames(RELEASED.frames, FRAME_MULTIPLE, FRAME_MULTIPLE, f"a multiple of {FRAME_MULTIPLE}")
         return {"required": {**sampling_inputs(frames), "start_image": ("IMAGE",)},
-                "optional": {"end_image": ("IMAGE",)}}
+                "optional": {"end_image": ("IMAGE",), **step_cache_inputs()}}
 
     def sample(self, start_image, end_image=None, **inputs):
         return super().sample(start_image=_images(start_image), end_image=_images(end_image), **inputs)
@@ -257,7 +273,8 @@ class VideoToVideo(_Sampler):
         frames = _frames(RELEASED.frames, FRAME_MULTIPLE, FRAME_MULTIPLE, f"a multiple of {FRAME_MULTIPLE}, at "
                                                                           "most the video's length")
         return {"required": {**sampling_inputs(frames), "video": ("IMAGE",),
-                             "denoise": _float(_REQUEST.denoise_strength, 0.01, 1.0)}}
+                             "denoise": _float(_REQUEST.denoise_strength, 0.01, 1.0)},
+                "optional": step_cache_inputs()}
 
     def sample(self, video, denoise: float, **inputs):
         return super().sample(video=images_to_video(video), denoise_strength=denoise, **inputs)
@@ -277,7 +294,7 @@ class LongVideo(_Sampler):
                              "chunk_frames": _frames(_REQUEST.partial_frames, FRAME_MULTIPLE, FRAME_MULTIPLE,
                                                      "frames of one pass"),
                              "overlap_frames": _int(_REQUEST.overlap_frames, 1, 64)},
-                "optional": {"start_image": ("IMAGE",), "end_image": ("IMAGE",)}}
+                "optional": {"start_image": ("IMAGE",), "end_image": ("IMAGE",), **step_cache_inputs()}}
 
     def sample(self, chunk_frames: int, overlap_frames: int, start_image=None, end_image=None, **inputs):
         return super().sample(partial_frames=chunk_frames, overlap_frames=overlap_frames,

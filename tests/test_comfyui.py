@@ -251,14 +251,14 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 def to_api(workflow: dict, object_info: dict) -> dict:
     """A UI-format workflow (what ComfyUI's page saves and loads) as an API prompt, read the way the page reads it:
     each node's inputs in the server's ``input_order``; a linked input takes its link, a widget the next of the
-    node's ``widgets_values`` (a seed with ``control_after_generate`` is followed by that control's value; upload
-    buttons add a trailing value)."""
+    node's ``widgets_values`` (a seed with ``control_after_generate`` is followed by that control's value, an
+    upload button by its own). Values left over or missing mean the workflow no longer matches the nodes."""
     links = {link[0]: [str(link[1]), link[2]] for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
         info = object_info[node["type"]]
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
-        values = iter(node.get("widgets_values", []))
+        values = list(node.get("widgets_values", []))
         inputs = {}
         for section in ("required", "optional"):
             for name in info["input_order"].get(section, []):
@@ -266,9 +266,11 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                 if name in linked:
                     inputs[name] = linked[name]
                 elif isinstance(kind, list) or kind in WIDGET_TYPES:
-                    inputs[name] = next(values)
-                    if options.get("control_after_generate"):
-                        next(values)
+                    assert values, f"{node['type']} (node {node['id']}): no widget value for {name}"
+                    inputs[name] = values.pop(0)
+                    followers = ("control_after_generate", "image_upload", "video_upload")  # widgets of their own
+                    del values[:sum(bool(options.get(key)) for key in followers)]
+        assert not values, f"{node['type']} (node {node['id']}): widget values {values} match no input"
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
 
@@ -321,16 +323,20 @@ def test_image_to_video_workflow_starts_from_the_image(server):
 
 
 def test_video_to_video_workflow_redraws_a_video_of_another_size(server):
+    from easyanimate.demo.judge import judge_frames
+
     prompt = workflow_prompt(server, "easyanimate_v2v.json")
     assert node_of(prompt, "LoadVideo")[1]["inputs"]["file"] == "easyanimate-demo-input.mp4"  # 24 frames, 96 x 96
+    assert "blue" in node_of(prompt, "EasyAnimateVideoToVideo")[1]["inputs"]["prompt"]  # the input's circle is red
     entry = server.run_ok(prompt)
     video = read_result(server.output_file(entry, node_of(prompt, "SaveVideo")[0]))
     assert video.shape == (3, 16, 64, 64)
+    assert judge_frames(video).color == "blue"
 
 
 def _settings_lora_image_prompt(lora: str) -> dict:
-    """Text to image (1 frame) with a LoRA, its settings linked from the model's Recommended Settings node, saved
-    by ComfyUI's SaveImage."""
+    """Text to image (1 frame) with a LoRA and the step cache, its settings linked from the model's Recommended
+    Settings node, saved by ComfyUI's SaveImage."""
     return {
         "1": {"class_type": "EasyAnimateLoadModel",
               "inputs": {"model": DEMO.name, "memory_mode": "model_cpu_offload", "precision": "auto"}},
@@ -338,12 +344,13 @@ def _settings_lora_image_prompt(lora: str) -> dict:
         "3": {"class_type": "EasyAnimateRecommendedSettings", "inputs": {"model": ["1", 0]}},
         "4": {"class_type": "EasyAnimateTextToVideo", "inputs": {
             "model": ["2", 0], "prompt": ["3", 0], "negative_prompt": ["3", 1], "sampler_name": "DDIM",
-            "steps": 5, "cfg": ["3", 3], "seed": 1, "width": ["3", 4], "height": ["3", 5], "frames": 1}},
+            "steps": 5, "cfg": ["3", 3], "seed": 1, "width": ["3", 4], "height": ["3", 5], "frames": 1,
+            "step_cache": 0.1}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "EasyAnimate-t2i"}},
     }
 
 
-def test_recommended_settings_and_a_lora_feed_text_to_image(server):
+def test_recommended_settings_lora_and_step_cache_in_text_to_image(server):
     from PIL import Image
 
     entry = server.run_ok(_settings_lora_image_prompt("easyanimate-zero.safetensors"))
