@@ -220,6 +220,18 @@ def _apply_peft_alpha(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
         state_dict.setdefault(key[: -len(".lora_A.weight")] + ".alpha", torch.tensor(float(alpha)))
 
 
+def _add_to_weight(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> None:
+    """``weight += delta`` computed in ``dtype`` and cast back. A weight stored in fp8 with a scale
+    (:mod:`easyanimate.models.fp8`) is dequantized, added to and rounded back with that scale instead: a plain cast
+    would add the delta to the unscaled fp8 values."""
+    if weight.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
+        from easyanimate.models.fp8 import add_to_fp8_weight
+
+        add_to_fp8_weight(weight, delta)
+        return
+    weight.copy_((weight.to(dtype) + delta.view(weight.shape)).to(weight.dtype))
+
+
 @torch.no_grad()
 def merge_lora(
     pipe,
@@ -245,8 +257,7 @@ def merge_lora(
             raise CheckpointError(f"{source}: weights are offloaded (meta device); merge LoRAs before enabling offload")
     for layer, weight in resolved:
         _ORIGINALS.setdefault(weight, []).append((token, weight.detach().to("cpu", copy=True)))
-        delta = strength * layer.delta(dtype, weight.device)
-        weight.copy_((weight.to(dtype) + delta.view(weight.shape)).to(weight.dtype))
+        _add_to_weight(weight, strength * layer.delta(dtype, weight.device), dtype)
     logger.info("merged %d LoRA layers from %s (strength %g)", len(resolved), source, strength)
     return len(resolved)
 
@@ -275,8 +286,7 @@ def unmerge_lora(
             if not stack:
                 del _ORIGINALS[weight]
         else:
-            delta = strength * layer.delta(dtype, weight.device)
-            weight.copy_((weight.to(dtype) - delta.view(weight.shape)).to(weight.dtype))
+            _add_to_weight(weight, -strength * layer.delta(dtype, weight.device), dtype)
             subtracted += 1
     if subtracted:
         logger.warning("%s: %d weights had no saved original for this merge; subtracted the delta instead "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from easyanimate.inference.request import MEMORY_MODE_ALIASES, MEMORY_MODES
+from easyanimate.inference.request import FP8_MEMORY_MODES, MEMORY_MODE_ALIASES, MEMORY_MODES, RequestError
 from easyanimate.utils.weights import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,15 @@ V4_TRANSFORMER_OVERRIDES = {"basic_block_type": "basic", "after_norm": False, "t
 
 # The released image_encoder/ is a full CLIP checkpoint; only its vision half is run.
 CLIP_UNUSED_PREFIXES = ("text_model.", "text_projection.", "logit_scale", "vision_model.embeddings.position_ids")
+
+# The memory modes from the most GPU memory to the least: what an out-of-memory error suggests next.
+MEMORY_MODES_BY_GPU_MEMORY = ("gpu", "model_cpu_offload", "model_cpu_offload_and_fp8", "sequential_cpu_offload")
+OUT_OF_MEMORY_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+                              torch.cuda.OutOfMemoryError})
+
+
+class OutOfGPUMemory(RequestError):
+    """The GPU ran out of memory; the message names the memory mode, frame count or size to try instead."""
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -156,41 +165,135 @@ def load_pipeline(
     device: str | torch.device | None = None,
     sampler: str = "Euler",
     vae_tiling: bool = False,
+    compile: bool = False,
 ):
     """The pipeline of a model folder, ready to run on ``device`` (default: CUDA when available, else the CPU).
 
     ``transformer_weights`` / ``vae_weights`` replace the folder's weights (a ``.safetensors`` file or a folder such
     as train.py's ``OUTPUT_DIR/transformer``; strict). ``dtype`` ("auto"/None, "float32", "bfloat16", "float16" or a
-    torch dtype) defaults to :func:`default_dtype` of the device the models run on. ``memory_mode`` matters only on
-    an accelerator: "gpu" keeps everything there, "model_cpu_offload" moves each model in while it runs,
-    "sequential_cpu_offload" streams every layer (least memory, slowest). Replacement weights are loaded before the
-    offload hooks, which move weights.
+    torch dtype) defaults to :func:`default_dtype` of the device the models run on. ``memory_mode`` (see
+    :func:`apply_memory_mode`): "gpu", "model_cpu_offload", "model_cpu_offload_and_fp8" (or the original's name
+    "model_cpu_offload_and_qfloat8") or "sequential_cpu_offload"; only the fp8 storage of the fp8 mode applies on a
+    CPU. ``compile`` compiles each transformer block (:mod:`easyanimate.models.compiled`) on its first call.
+
+    Raises :class:`~easyanimate.inference.request.RequestError` naming what to use instead, before anything is
+    loaded, when this torch or device cannot store fp8 weights or compile, and :class:`OutOfGPUMemory` when the
+    models do not fit the GPU (``memory_mode`` "gpu").
     """
     from easyanimate.pipeline import EasyAnimatePipeline
     from easyanimate.utils.weights import load_weights_into
 
-    memory_mode = MEMORY_MODE_ALIASES.get(memory_mode, memory_mode)
-    if memory_mode not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory_mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+    memory_mode = canonical_memory_mode(memory_mode)
     check_model_folder(model_dir)
     device = resolve_device(device)
+    check_model_options(memory_mode, compile, device)
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     offload = device.type == "cuda" and memory_mode != "gpu"
     # With offload the models load on the CPU, so the dtype is picked for the GPU they will run on.
-    pipe = EasyAnimatePipeline.from_pretrained(model_dir, torch_dtype=dtype or default_dtype(device), sampler=sampler,
-                                               device="cpu" if offload else device)
+    with advise_on_out_of_memory(memory_mode):
+        pipe = EasyAnimatePipeline.from_pretrained(model_dir, torch_dtype=dtype or default_dtype(device),
+                                                   sampler=sampler, device="cpu" if offload else device)
     if transformer_weights is not None:
         load_weights_into(pipe.transformer, transformer_weights)
     if vae_weights is not None:
         load_weights_into(pipe.vae, vae_weights, ignore_prefixes=("loss.",))  # train_vae.py saves its loss nets
-    if memory_mode == "model_cpu_offload" and offload:
-        pipe.enable_model_cpu_offload(device=device)
-    elif memory_mode == "sequential_cpu_offload" and offload:
-        pipe.enable_sequential_cpu_offload(device=device)
+    apply_memory_mode(pipe, memory_mode, device)
+    if compile:
+        from easyanimate.models.compiled import compile_blocks
+
+        compile_blocks(pipe.transformer)
     if vae_tiling:
         pipe.enable_vae_tiling()
     return pipe
+
+
+def canonical_memory_mode(memory_mode: str) -> str:
+    """``memory_mode`` with aliases resolved ("none" -> "gpu", "model_cpu_offload_and_qfloat8" ->
+    "model_cpu_offload_and_fp8"); ``ValueError`` for an unknown one."""
+    memory_mode = MEMORY_MODE_ALIASES.get(memory_mode, memory_mode)
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory_mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+    return memory_mode
+
+
+def check_model_options(memory_mode: str, compile: bool, device: torch.device) -> None:
+    """Raise :class:`~easyanimate.inference.request.RequestError` naming what to use instead when ``memory_mode``
+    stores fp8 weights that this torch or ``device`` cannot cast, or when ``compile`` cannot run here (no
+    torch.compile for this Python, no Triton on the GPU, no C++ compiler for the CPU, sequential offload). Cheap:
+    nothing is loaded."""
+    from easyanimate.models.compiled import CompileUnavailable, check_compile_support
+    from easyanimate.models.fp8 import Fp8Unavailable, check_fp8_support
+
+    memory_mode = canonical_memory_mode(memory_mode)
+    if memory_mode in FP8_MEMORY_MODES:
+        try:
+            check_fp8_support(device)
+        except Fp8Unavailable as exc:
+            raise RequestError(f"memory mode {memory_mode}: {exc}") from exc
+    if compile:
+        try:
+            check_compile_support(device, memory_mode=memory_mode)
+        except CompileUnavailable as exc:
+            raise RequestError(f"compile: {exc}") from exc
+
+
+def apply_memory_mode(pipe, memory_mode: str, device: torch.device | str) -> None:
+    """Put a loaded pipeline in ``memory_mode`` for ``device``: "model_cpu_offload_and_fp8" first stores the
+    transformer's large Linear weights in fp8 (:func:`easyanimate.models.fp8.enable_fp8_weights`; on any device);
+    then, on a CUDA device, "model_cpu_offload" and the fp8 mode move each model to the GPU while it runs,
+    "sequential_cpu_offload" streams every layer (least memory, slowest), and "gpu" leaves everything where it was
+    loaded. Call it once, after replacement weights are loaded (offload hooks move weights)."""
+    memory_mode = canonical_memory_mode(memory_mode)
+    device = torch.device(device)
+    if memory_mode in FP8_MEMORY_MODES:
+        from easyanimate.models.fp8 import enable_fp8_weights
+
+        enable_fp8_weights(pipe.transformer)
+    if device.type != "cuda" or memory_mode == "gpu":
+        return
+    if memory_mode == "sequential_cpu_offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.enable_model_cpu_offload(device=device)
+
+
+def out_of_memory_advice(memory_mode: str, height: int | None = None, width: int | None = None,
+                         frames: int | None = None, vae_tiling: bool = False) -> str:
+    """What to try after the GPU ran out of memory: the next memory mode that needs less GPU memory, fewer frames
+    (half, kept a multiple of 8) or a smaller size (both sides scaled by ~0.7, so half the pixels, multiples of
+    16), and VAE tiling when it is off (decoding large frames is often the peak)."""
+    memory_mode = canonical_memory_mode(memory_mode)
+    tries = []
+    order = MEMORY_MODES_BY_GPU_MEMORY
+    if order.index(memory_mode) + 1 < len(order):
+        tries.append(f"memory mode {order[order.index(memory_mode) + 1]}")
+    if frames is not None and frames > 8:
+        tries.append(f"{max(8, frames // 2 // 8 * 8)} frames instead of {frames}")
+    if height is not None and width is not None and max(height, width) > 256:
+        smaller = [max(16, int(side * 0.707) // 16 * 16) for side in (height, width)]
+        tries.append(f"a size of {smaller[0]}x{smaller[1]} instead of {height}x{width}")
+    if not vae_tiling:
+        tries.append("VAE tiling")
+    if not tries:
+        return "the GPU is too small for this model"
+    return "try " + ", or ".join(tries)
+
+
+@contextlib.contextmanager
+def advise_on_out_of_memory(memory_mode: str, height: int | None = None, width: int | None = None,
+                            frames: int | None = None, vae_tiling: bool = False):
+    """Inside the block, a CUDA out-of-memory error becomes :class:`OutOfGPUMemory` whose message names what to try
+    instead (:func:`out_of_memory_advice`); the cached GPU memory is released first so that the next try can use
+    it."""
+    try:
+        yield
+    except OUT_OF_MEMORY_ERRORS as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        size = f" at {height}x{width}, {frames} frames" if height and width and frames else ""
+        raise OutOfGPUMemory(f"out of GPU memory{size} in memory mode {canonical_memory_mode(memory_mode)}: "
+                             f"{out_of_memory_advice(memory_mode, height, width, frames, vae_tiling)}") from exc
 
 
 # ------------------------------------------------------------------------------------------------- helpers
