@@ -334,6 +334,17 @@ def test_video_to_video_workflow_redraws_a_video_of_another_size(server):
     assert judge_frames(video).color == "blue"
 
 
+def test_long_video_continues_chunks_between_start_and_end_images(server):
+    prompt = workflow_prompt(server, "easyanimate_i2v.json")
+    sampler_id, sampler = node_of(prompt, "EasyAnimateImageToVideo")
+    sampler["class_type"] = "EasyAnimateLongVideo"
+    sampler["inputs"].update(frames=24, chunk_frames=16, overlap_frames=4, steps=5,  # two passes of 16 frames
+                             end_image=sampler["inputs"]["start_image"])
+    entry = server.run_ok(prompt)
+    video = read_result(server.output_file(entry, node_of(prompt, "SaveVideo")[0]))
+    assert video.shape == (3, 24, 64, 64)
+
+
 def _settings_lora_image_prompt(lora: str) -> dict:
     """Text to image (1 frame) with a LoRA and the step cache, its settings linked from the model's Recommended
     Settings node, saved by ComfyUI's SaveImage."""
