@@ -2,7 +2,8 @@
 
 Install: link this folder into ``ComfyUI/custom_nodes/`` (e.g. as ``custom_nodes/EasyAnimate``; a copy works where
 the project is pip-installed), put model folders in the released layout into ``ComfyUI/models/EasyAnimate/`` and
-install this project's requirements into ComfyUI's Python environment. Ready-made workflows are in ``workflows/``. See the README's ComfyUI section.
+install this project's requirements into ComfyUI's Python environment. Ready-made workflows are in ``workflows/``;
+see the README's ComfyUI section.
 """
 
 import importlib.util
