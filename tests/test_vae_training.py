@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """Three 12-frame 64x48 videos of moving smooth patterns and two images, with a metadata JSON."""
+    """Three 12-frame 64x48 videos of moving smooth patterns and two images, with a metadata JSON of
+    ``{file_path, type}`` rows as scripts/train_vae.sh documents (a VAE needs no caption, so there is no ``text``)."""
     import imageio
 
     root = tmp_path_factory.mktemp("vae_data")
@@ -39,14 +40,18 @@ def data(tmp_path_factory) -> Path:
         # decord needs rows of a multiple of 64 bytes here, hence 64 px wide; yuv420p is what it decodes.
         imageio.mimwrite(root / f"clip{i}.mp4", frames, fps=8, codec="libx264", pixelformat="yuv420p",
                          macro_block_size=16)
-        rows.append({"file_path": f"clip{i}.mp4", "text": "", "type": "video"})
+        rows.append({"file_path": f"clip{i}.mp4", "type": "video"})
     for i in range(2):
         image = (np.stack([np.sin(xx / 18.0 + i), np.cos(yy / 14.0), np.full_like(xx, 0.3)], -1) * 0.4 + 0.5) * 255
         imageio.imwrite(root / f"image{i}.png", image.astype(np.uint8))
-        rows.append({"file_path": f"image{i}.png", "text": "", "type": "image"})
+        rows.append({"file_path": f"image{i}.png", "type": "image"})
     (root / "meta.json").write_text(json.dumps(rows))
     (root / "one_clip.json").write_text(json.dumps(rows[:1]))
     return root
+
+
+def _entries(data: Path) -> list[dict]:
+    return load_metadata(data / "meta.json", data, require_text=False)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +89,12 @@ def test_video_len_must_be_a_multiple_of_8(data):
     with pytest.raises(ValueError, match="video_len=25.*multiple of 8.*25 -> 28.*video_len=24"):
         check_video_len(25)
     with pytest.raises(ValueError, match="video_len=4"):
-        VAEDataset(load_metadata(data / "meta.json", data), size=SIZE, video_len=4)
+        VAEDataset(_entries(data), size=SIZE, video_len=4)
     check_video_len(24)
 
 
 def test_dataset_items_are_square_crops_in_range(data):
-    dataset = VAEDataset(load_metadata(data / "meta.json", data), size=SIZE, video_len=FRAMES, seed=1)
+    dataset = VAEDataset(_entries(data), size=SIZE, video_len=FRAMES, seed=1)
     kinds = dataset.kinds
     video = dataset[(kinds.index("video"), 0)]
     image = dataset[(kinds.index("image"), 0)]
@@ -119,7 +124,7 @@ def test_sampler_batches_are_homogeneous_resumable_and_sharded():
 
 def test_unreadable_files_are_replaced_then_reported(data, tmp_path, caplog):
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
-    entries = load_metadata(data / "meta.json", data)
+    entries = _entries(data)
     good_video = [e for e in entries if e["type"] == "video"][0]
     bad = {"file_path": str(tmp_path / "broken.mp4"), "text": "", "type": "video"}
     dataset = VAEDataset([bad, good_video], size=SIZE, video_len=FRAMES)
@@ -182,7 +187,7 @@ def test_validation_measures_the_saved_vae_on_a_fixed_set_without_changing_train
     assert set(final) == {"step", "l1", "psnr", "video/l1", "video/psnr", "image/l1", "image/psnr"}
 
     vae = AutoencoderKLMagvit.from_pretrained(result.vae_dir).eval()
-    entries = load_metadata(data / "meta.json", data)
+    entries = _entries(data)
     psnrs = psnr_by_hand(vae, [entries[0], entries[-1]])  # validation_entries 2: the first and the last
     assert final["video/psnr"] == pytest.approx(np.mean(psnrs["video"]), abs=1e-3)
     assert final["image/psnr"] == pytest.approx(np.mean(psnrs["image"]), abs=1e-3)
@@ -266,7 +271,7 @@ def test_validation_uses_the_ema_weights_and_lpips(gan_run, data):
     cfg, result = gan_run
     (final,) = result.validation
     assert final["step"] == 5 and final["lpips"] > 0 and final["video/lpips"] > 0 and final["image/lpips"] > 0
-    psnrs = psnr_by_hand(result.vae, load_metadata(data / "meta.json", data))  # the saved (EMA) weights, all 5
+    psnrs = psnr_by_hand(result.vae, _entries(data))  # the saved (EMA) weights, all 5
     assert final["video/psnr"] == pytest.approx(np.mean(psnrs["video"]), abs=1e-3)
     assert final["image/psnr"] == pytest.approx(np.mean(psnrs["image"]), abs=1e-3)
 

@@ -47,14 +47,18 @@ def _parse_size(value: Any, name: str, where: str) -> int | None:
     return int(number)
 
 
-def normalize_entry(row: Any, where: str, data_root: str | os.PathLike | None = None) -> dict:
-    """Check one raw row and return ``{"file_path", "text", "type", ["width", "height"], ...extra keys}``."""
+def normalize_entry(row: Any, where: str, data_root: str | os.PathLike | None = None, *,
+                    require_text: bool = True) -> dict:
+    """Check one raw row and return ``{"file_path", "text", "type", ["width", "height"], ...extra keys}``; without
+    ``require_text`` a missing ``text`` becomes ``""``."""
     if not isinstance(row, dict):
         raise MetadataError(f"{where}: expected an object with 'file_path' and 'text', got {type(row).__name__}")
     file_path = row.get("file_path")
     if not isinstance(file_path, str) or not file_path.strip():
         raise MetadataError(f"{where}: missing or empty 'file_path' (keys present: {sorted(row)})")
     text = row.get("text")
+    if text is None and not require_text:
+        text = ""
     if text is None:
         raise MetadataError(f"{where}: missing 'text' for {file_path!r} (use an empty string for no caption)")
     if not isinstance(text, str):
@@ -103,10 +107,13 @@ def read_rows(path: Path) -> list:
     raise MetadataError(f"{path}: unknown metadata format '{suffix}'; use .json, .jsonl or .csv")
 
 
-def load_metadata(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> list[dict]:
+def load_metadata(path: str | os.PathLike, data_root: str | os.PathLike | None = None, *,
+                  require_text: bool = True) -> list[dict]:
     """Read a metadata file and return one checked dict per entry.
 
-    Each dict has ``file_path`` (joined to ``data_root`` unless absolute), ``text`` (``str``, may be empty),
+    Each dict has ``file_path`` (joined to ``data_root`` unless absolute), ``text`` (``str``, may be empty; a row
+    without one is an error unless ``require_text`` is False, for data that needs no caption such as a VAE's, where
+    it reads as ``""``),
     ``type`` (``"image"`` or ``"video"``; when missing, guessed from the file extension) and, when both are given,
     integer ``width`` and ``height``. Other columns are kept as they are. Raises :class:`MetadataError` naming the
     row and the problem.
@@ -118,7 +125,8 @@ def load_metadata(path: str | os.PathLike, data_root: str | os.PathLike | None =
     # CSV rows are 1-based with the header on line 1; JSON-lines are 1-based; JSON rows are list indices.
     offset = {".csv": 2, ".jsonl": 1}.get(path.suffix.lower(), 0)
     label = "line" if path.suffix.lower() in (".csv", ".jsonl") else "entry"
-    entries = [normalize_entry(row, f"{path} {label} {i + offset}", data_root) for i, row in enumerate(rows)]
+    entries = [normalize_entry(row, f"{path} {label} {i + offset}", data_root, require_text=require_text)
+               for i, row in enumerate(rows)]
     if not entries:
         raise MetadataError(f"{path} has no entries")
     return entries

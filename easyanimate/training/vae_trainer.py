@@ -250,9 +250,15 @@ class Reconstruct(nn.Module):
         return reconstruction, posterior.mean, posterior.logvar
 
 
+def read_entries(metadata: str, cfg: VAETrainConfig) -> list[dict]:
+    """The entries of a metadata file, paths under ``train_data_dir``; a VAE needs no caption, so ``text`` may be
+    left out (``{file_path, type}`` rows, as scripts/train_vae.sh documents)."""
+    return load_metadata(metadata, cfg.train_data_dir, require_text=False)
+
+
 def make_dataloader(cfg: VAETrainConfig, frame_multiple: int, start_batch: int, rank: int, world: int):
     """The endless stream of this process's batches of the training entries, from its batch ``start_batch`` on."""
-    entries = load_metadata(cfg.train_data_meta, cfg.train_data_dir)
+    entries = read_entries(cfg.train_data_meta, cfg)
     dataset = VAEDataset(
         entries,
         size=cfg.size,
@@ -276,9 +282,9 @@ def make_dataloader(cfg: VAETrainConfig, frame_multiple: int, start_batch: int, 
 def validation_dataset(cfg: VAETrainConfig, frame_multiple: int) -> VAEDataset:
     """The fixed validation set (see :class:`VAETrainConfig`): item ``i`` is read with sample key ``i``."""
     if cfg.validation_data_meta:
-        entries = load_metadata(cfg.validation_data_meta, cfg.train_data_dir)
+        entries = read_entries(cfg.validation_data_meta, cfg)
     else:
-        entries = load_metadata(cfg.train_data_meta, cfg.train_data_dir)
+        entries = read_entries(cfg.train_data_meta, cfg)
         if len(entries) > cfg.validation_entries:
             first = cfg.validation_entries // 2
             entries = entries[:first] + entries[len(entries) - (cfg.validation_entries - first):]
