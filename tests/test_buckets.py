@@ -8,7 +8,7 @@ from easyanimate.data.buckets import (
     candidate_sizes, closest_ratio, downsample_choices, frame_crop_choices, frames_for_size, latent_tokens,
     pixel_budget, replication_factor, round_budgets,
 )
-from easyanimate.data.dataset import DataConfig
+from easyanimate.data.dataset import DataConfig, SampleRef
 
 
 def test_aspect_ratio_table():
@@ -109,9 +109,45 @@ def test_sampler_skips_unreadable_entries_and_resumes_and_shards():
     assert [r.round for r in one] == [r.position // 2 for r in one] and one[-1].round > 0
 
 
-def _sample(pixels, position=0, kind="video", round=0):
+def test_processes_share_global_batches_of_one_bucket():
+    """Mixed images and videos of two ratios: two ranks at batch 2 get, round by round, the halves of the batches
+    one process at batch 4 gets (same entries, positions, rounds and batch keys), with a resumed epoch too."""
+    shapes = [("image", 512, 512), ("video", 512, 512), ("video", 384, 672), ("image", 384, 672)] * 10
+    entries = _entries(shapes)
+    one = list(BucketBatchSampler(entries, 4, seed=5))
+    ranks = [list(BucketBatchSampler(entries, 2, seed=5, rank=k, world_size=2)) for k in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) >= 8
+    assert [a + b for a, b in zip(*ranks)] == one
+    for batch in one:
+        assert len({(entries[r.index]["type"], entries[r.index]["height"]) for r in batch}) == 1
+        assert {r.batch_position for r in batch} == {batch[0].position}
+    resumed = BucketBatchSampler(entries, 2, seed=5, rank=1, world_size=2)
+    resumed.set_epoch(0, skip_rounds=3)
+    assert list(resumed) == ranks[1][3:]
+
+
+def test_collate_draws_the_same_for_every_share_of_a_global_batch():
+    """With every per-batch random choice on (downsampled sizes, random crop ratios, random clip lengths) and
+    inpaint masks, each rank's collated share of a global batch is its slice of the one-process batch."""
+    cfg = DataConfig(image_sample_size=64, video_sample_size=32, token_sample_size=32, video_sample_n_frames=16,
+                     random_hw_adapt=True, random_ratio_crop=True, random_frame_crop=True, enable_inpaint=True)
+    collate = BucketCollate(cfg, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    clips = {i: torch.randint(0, 256, (16, 72, 128, 3), generator=generator, dtype=torch.uint8) for i in range(4)}
+    clips.update({i + 4: clips[i][:1] for i in range(4)})  # images
+    for round, (kind, first) in enumerate([("video", 0), ("image", 4)] * 3):
+        refs = [SampleRef(first + k, 0, 4 * round + k, round, 4 * round) for k in range(4)]
+        samples = [_sample(clips[r.index], r.position, kind, r.round, r.batch_position) for r in refs]
+        whole = collate(samples)
+        shares = [collate(samples[:2]), collate(samples[2:])]
+        for key in ("pixel_values", "mask", "mask_pixel_values", "clip_pixel_values", "positions"):
+            assert torch.equal(torch.cat([share[key] for share in shares]), whole[key]), (round, key)
+
+
+def _sample(pixels, position=0, kind="video", round=0, batch_position=None):
     return {"pixels": pixels, "text": "t", "data_type": kind, "index": 0, "epoch": 0, "position": position,
-            "round": round, "failures": []}
+            "round": round, "batch_position": position if batch_position is None else batch_position,
+            "failures": []}
 
 
 def test_collate_one_shape_per_batch():

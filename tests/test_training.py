@@ -1,5 +1,6 @@
-"""Training objective and loop on the tiny model: loss falls, resume reproduces the losses, two processes match
-one, broken files are skipped and reported, LoRA trains and loads into the pipeline."""
+"""Training objective and loop on the tiny model: loss falls, resume reproduces the losses, two processes (DDP, and
+DeepSpeed ZeRO-2 with a resume) match one on images and videos mixed, broken files are skipped and reported, LoRA
+trains and loads into the pipeline."""
 
 import json
 import os
@@ -153,13 +154,15 @@ def data(tmp_path_factory):
     (root / "broken.png").write_bytes(b"not a png")
     rows.append({"file_path": "broken.png", "text": "broken", "type": "image", "width": 64, "height": 32})
     rows.append({"file_path": "missing.mp4", "text": "missing", "type": "video"})
-    (root / "meta.json").write_text(json.dumps(rows))
-
     for i in range(2):
         frames = np.stack([np.full((32, 64, 3), 20 * i + 10 * f, np.uint8) for f in range(12)])
         imageio.mimwrite(root / f"vid{i}.mp4", frames, fps=8, macro_block_size=1)
-    (root / "video_meta.json").write_text(json.dumps(
-        [{"file_path": f"vid{i}.mp4", "text": f"clip {i}", "type": "video"} for i in range(2)]))
+    videos = [{"file_path": f"vid{i}.mp4", "text": f"clip {i}", "type": "video"} for i in range(2)]
+    # images and videos mixed (two buckets): with seed 42 the 4 steps of batch 2 are 3 image batches and 1 video
+    # batch, and one image and one video are next to each other in the shuffled order, so dealing batches of 1 to
+    # two processes in turn would pair them in one step
+    (root / "meta.json").write_text(json.dumps(rows + videos))
+    (root / "video_meta.json").write_text(json.dumps(videos))
     one = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (32, 1, 3)))
     one.save(root / "gradient.png")
     (root / "one_image.json").write_text(json.dumps([{"file_path": "gradient.png", "text": "a gradient"}] * 8))
@@ -179,12 +182,18 @@ def _log(out):
     return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
 
 
+# The runs the baseline is compared with. --max_grad_norm 100 keeps every step's gradient (norms 9-19) below both
+# clip rules, DeepSpeed's constant --max_grad_norm and the adaptive clip of the other runs, so that the runs differ
+# only in how they are distributed.
+RUN = ("--max_train_steps", "4", "--learning_rate", "1e-3", "--max_grad_norm", "100")
+
+
 @pytest.fixture(scope="module")
 def baseline(tiny_model_dir, data, tmp_path_factory):
     """One process, batch 2, 4 steps, a checkpoint every 2 steps."""
     out = tmp_path_factory.mktemp("baseline")
-    result = train(parse_args(_args(tiny_model_dir, data, out, "--train_batch_size", "2", "--max_train_steps", "4",
-                                    "--checkpointing_steps", "2", "--learning_rate", "1e-3")))
+    result = train(parse_args(_args(tiny_model_dir, data, out, "--train_batch_size", "2",
+                                    "--checkpointing_steps", "2", *RUN)))
     return out, result
 
 
@@ -208,7 +217,7 @@ def test_checkpoints_and_broken_files_are_reported(baseline, tiny_model_dir):
 def test_resume_reproduces_the_uninterrupted_losses(baseline, tiny_model_dir, data, tmp_path):
     out, result = baseline
     resumed = train(parse_args(_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2",
-                                     "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3",
+                                     "--checkpointing_steps", "2", *RUN,
                                      "--resume_from_checkpoint", str(out / "checkpoint-2"))))
     assert [s for s, _ in resumed.losses] == [3, 4]
     assert [l for _, l in resumed.losses] == [l for _, l in result.losses[2:]]
@@ -225,28 +234,81 @@ def test_timestep_density_flags_reach_the_objective(baseline, tiny_model_dir, da
         TrainConfig(pretrained_model_name_or_path="m", train_data_meta="d", timestep_logit_std=0.0)
 
 
-def test_two_processes_match_one_process(baseline, tiny_model_dir, data, tmp_path):
-    out, result = baseline
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
-           str(REPO / "train.py"), *_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "1",
-                                          "--max_train_steps", "4", "--checkpointing_steps", "4",
-                                          "--learning_rate", "1e-3")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+def _launch(cmd, env=None):
+    """Run a multi-process launch to completion (a hung process group fails the test after 5 minutes); the
+    environment's ACCELERATE_USE_CPU is left out unless ``env`` sets it (it would turn DeepSpeed off)."""
+    inherited = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env = dict(inherited, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = [row["loss"] for row in _log(tmp_path)]
-    np.testing.assert_allclose(two, [l for _, l in result.losses], rtol=1e-4)
+
+
+def _update(model_dir, checkpoint):
+    """The change a run made to the transformer's weights, as one vector."""
     from safetensors.torch import load_file
 
     name = "diffusion_pytorch_model.safetensors"
-    base = load_file(tiny_model_dir / "transformer" / name)
-    a = load_file(out / "checkpoint-4" / "transformer" / name)
-    b = load_file(tmp_path / "checkpoint-4" / "transformer" / name)
+    base = load_file(Path(model_dir) / "transformer" / name)
+    trained = load_file(Path(checkpoint) / "transformer" / name)
+    return torch.cat([(trained[k] - base[k]).flatten() for k in base])
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_model_dir, data, tmp_path_factory):
+    """The baseline's run as DDP: two processes at batch 1 (torchrun; accelerate on the CPU needs
+    ACCELERATE_USE_CPU to count them)."""
+    out = tmp_path_factory.mktemp("ddp")
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+             str(REPO / "train.py"), *_args(tiny_model_dir, data, out, "--train_batch_size", "1",
+                                            "--checkpointing_steps", "4", *RUN)], env={"ACCELERATE_USE_CPU": "1"})
+    return out
+
+
+def test_two_processes_match_one_process(baseline, two_processes, tiny_model_dir):
+    """On images and videos mixed, in inpaint mode: every step trains the same global batch, so the losses are the
+    baseline's up to float rounding (gradients are summed in another order)."""
+    out, result = baseline
+    two = [row["loss"] for row in _log(two_processes)]
+    np.testing.assert_allclose(two, [l for _, l in result.losses], rtol=1e-4)
     # Adam turns float-rounding differences of near-zero gradients into full-size steps for a few elements, so
     # compare the whole update: the two runs' weight changes agree to 1 %.
-    update_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
-    update_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
-    assert (update_a - update_b).norm() < 0.01 * update_a.norm()
+    update_one = _update(tiny_model_dir, out / "checkpoint-4")
+    update_two = _update(tiny_model_dir, two_processes / "checkpoint-4")
+    assert (update_one - update_two).norm() < 0.01 * update_one.norm()
+
+
+def test_deepspeed_zero2_resumes_and_matches_ddp(two_processes, tiny_model_dir, data, tmp_path):
+    """``accelerate launch`` with the project's ZeRO-2 settings (bf16 off: a test-side copy, as CPUs have no bf16
+    DeepSpeed path) on two processes: 2 steps, then a new launch resumes from that checkpoint for 2 more. The
+    losses match the DDP run's to rtol 1e-4, as DDP's match one process: both sum the same float32 gradients in
+    another order (measured: 3e-7), and Adam may turn that rounding into full-size steps of a few near-zero
+    gradient elements. The checkpoint's ``transformer/`` loads into the pipeline."""
+    pytest.importorskip("deepspeed")
+    from easyanimate.pipeline import EasyAnimatePipeline
+    from easyanimate.utils.weights import load_weights_into
+
+    ds_config = json.loads((REPO / "configs" / "zero_stage2_config.json").read_text())
+    ds_config["bf16"]["enabled"] = False
+    (tmp_path / "zero2.json").write_text(json.dumps(ds_config))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
+              str(tmp_path / "zero2.json"), "--deepspeed_multinode_launcher", "standard", "--num_machines", "1",
+              "--num_processes", "2", "--main_process_port", "29572", "--mixed_precision", "no",
+              "--dynamo_backend", "no", str(REPO / "train.py")]
+    args = _args(tiny_model_dir, data, tmp_path / "out", "--train_batch_size", "1", "--checkpointing_steps", "2", *RUN)
+    _launch([*launch, *args, "--max_train_steps", "2"])
+    _launch([*launch, *args, "--resume_from_checkpoint", "latest"])
+    log = _log(tmp_path / "out")
+    assert [row["step"] for row in log] == [1, 2, 3, 4] and all("grad_norm" in row for row in log)
+    np.testing.assert_allclose([row["loss"] for row in log], [row["loss"] for row in _log(two_processes)], rtol=1e-4)
+    update_ds = _update(tiny_model_dir, tmp_path / "out" / "checkpoint-4")
+    update_ddp = _update(tiny_model_dir, two_processes / "checkpoint-4")
+    assert (update_ds - update_ddp).norm() < 0.01 * update_ddp.norm()
+
+    pipe = EasyAnimatePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32, device="cpu")
+    load_weights_into(pipe.transformer, tmp_path / "out" / "checkpoint-4" / "transformer")
+    video = pipe("a gradient", height=32, width=32, video_length=1, num_inference_steps=2, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).videos
+    assert torch.isfinite(video).all()
 
 
 def test_too_many_broken_files_stop_training(tiny_model_dir, data, tmp_path):
@@ -256,6 +318,18 @@ def test_too_many_broken_files_stop_training(tiny_model_dir, data, tmp_path):
                  "--max_retries", "2")
     args[args.index("--train_data_meta") + 1] = str(meta)
     with pytest.raises(DataError, match="could not be read"):
+        train(parse_args(args))
+
+
+def test_transformer_training_needs_captions(tiny_model_dir, data, tmp_path):
+    """Unlike the VAE's, the transformer's metadata rows must have a caption (an empty one says "no caption")."""
+    from easyanimate.data.metadata import MetadataError
+
+    meta = tmp_path / "no_text.json"
+    meta.write_text(json.dumps([{"file_path": "img0.png", "type": "image"}]))
+    args = _args(tiny_model_dir, data, tmp_path / "out", "--max_train_steps", "1")
+    args[args.index("--train_data_meta") + 1] = str(meta)
+    with pytest.raises(MetadataError, match="missing 'text'"):
         train(parse_args(args))
 
 
@@ -571,8 +645,8 @@ def test_low_vram_moves_each_frozen_model_in_only_while_it_encodes(baseline, tin
     _, result = baseline
     try:
         trainer.on_device = spy
-        low = train(parse_args(_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", "--max_train_steps",
-                                     "2", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--low_vram")))
+        low = train(parse_args(_args(tiny_model_dir, data, tmp_path, "--train_batch_size", "2", *RUN,
+                                     "--max_train_steps", "2", "--checkpointing_steps", "2", "--low_vram")))
     finally:
         trainer.on_device = real_on_device
     assert [loss for _, loss in low.losses] == [loss for _, loss in result.losses[:2]]

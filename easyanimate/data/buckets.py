@@ -129,12 +129,15 @@ def frame_crop_choices(n_frames: int, interval: int) -> tuple[list[int], list[fl
 
 # ----------------------------------------------------------------------------------------- batch sampler
 class BucketBatchSampler:
-    """Groups a seeded random permutation of the entries into batches of one type and one aspect-ratio bucket.
+    """Groups a seeded random permutation of the entries into global batches of one type and one aspect-ratio
+    bucket, and gives this process its share of each.
 
     Each pass (epoch ``e``) permutes the entries with ``torch.randperm`` seeded ``seed + e``; an entry joins the
-    bucket of its type and closest ratio, and a bucket holding ``batch_size`` entries becomes a batch. With
-    ``world_size`` processes the batches are dealt in rounds: in round ``k`` rank ``r`` gets batch
-    ``k * world_size + r``; an incomplete last round and partial buckets are dropped. Every rank computes the same
+    bucket of its type and closest ratio, and a bucket holding ``batch_size * world_size`` entries becomes the
+    global batch of the next round (one optimizer micro-step of every process); rank ``r`` gets its entries
+    ``r * batch_size`` to ``(r + 1) * batch_size - 1``. The global batches, and every sample's position in the
+    epoch, are therefore the same for N processes at ``batch_size`` as for one process at ``N * batch_size``
+    (with one process: each full bucket is a batch). Partial buckets are dropped. Every rank computes the same
     sequence, so ranks never disagree on the number of steps. ``set_epoch(e, skip_rounds=k)`` resumes mid-epoch
     without reading any data. Entries whose size cannot be read are skipped and listed in ``failures``.
     """
@@ -164,12 +167,16 @@ class BucketBatchSampler:
         self._ratio_cache: dict[int, float | None] = {}
         self.failures: list[tuple[str, str]] = []
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
     def set_epoch(self, epoch: int, skip_rounds: int = 0) -> None:
         self.epoch, self.skip_rounds = int(epoch), int(skip_rounds)
 
     def __len__(self) -> int:
         """An upper bound of the batches this rank gets per epoch (partial buckets are dropped)."""
-        return len(self.entries) // (self.batch_size * self.world_size)
+        return len(self.entries) // self.global_batch_size
 
     def _ratio(self, index: int) -> float | None:
         if index not in self._ratio_cache:
@@ -183,30 +190,27 @@ class BucketBatchSampler:
                 logger.warning("skipping %s: cannot read its size (%s)", entry["file_path"], exc)
         return self._ratio_cache[index]
 
-    def __iter__(self) -> Iterator[list[SampleRef]]:
+    def global_batches(self) -> Iterator[list[int]]:
+        """The entry indices of each global batch of this epoch, in training order (every rank computes the same)."""
         order = torch.randperm(len(self.entries), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         buckets: dict[tuple[str, float], list[int]] = {}
-        round_batches: list[list[int]] = []
-        batch_number = 0
         for index in order.tolist():
             ratio = self._ratio(index)
             if ratio is None:
                 continue
             bucket = buckets.setdefault((self.entries[index]["type"], ratio), [])
             bucket.append(index)
-            if len(bucket) < self.batch_size:
+            if len(bucket) == self.global_batch_size:
+                yield list(bucket)
+                bucket.clear()
+
+    def __iter__(self) -> Iterator[list[SampleRef]]:
+        for round_number, indices in enumerate(self.global_batches()):
+            if round_number < self.skip_rounds:
                 continue
-            round_batches.append(list(bucket))
-            bucket.clear()
-            if len(round_batches) < self.world_size:
-                continue
-            round_number = batch_number // self.world_size
-            mine = round_batches[self.rank]
-            first = (batch_number + self.rank) * self.batch_size
-            batch_number += self.world_size
-            round_batches = []
-            if round_number >= self.skip_rounds:
-                yield [SampleRef(i, self.epoch, first + k, round_number) for k, i in enumerate(mine)]
+            start = round_number * self.global_batch_size  # position of the global batch's first sample
+            mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            yield [SampleRef(indices[k], self.epoch, start + k, round_number, start) for k in mine]
         self.skip_rounds = 0
 
 
@@ -235,6 +239,12 @@ class BucketCollate:
     ``positions``/``epoch`` (the samples' randomness keys), ``replicas`` (token-length ×1/×2/×4 replication for the
     training loop), ``failures``; in inpaint mode also ``mask`` ``(B, F, 1, H, W)`` (1 = generate),
     ``mask_pixel_values`` (masked pixels set to -1) and ``clip_pixel_values`` uint8 ``(B, H, W, 3)``.
+
+    The batch's shared draws (base size, random crop ratio, clip length) are keyed by its global batch
+    (``batch_position``), the rest by sample. So N processes train what one process trains on the same global
+    batch, except where a batch depends on its samples' content: clips are cut to the shortest clip of this
+    process's share, and under ``training_with_video_token_length`` the sizes offered depend on the share's
+    smallest frame.
 
     Unlike the original, the inpaint mask is drawn on the final (frame-cropped) clip, so head-and-tail masks keep
     their tail frames, and the CLIP frame is one of the frames actually trained on.
@@ -272,7 +282,9 @@ class BucketCollate:
         cfg = self.config
         first = samples[0]
         data_type = first["data_type"]
-        rng = keyed_rng(self.seed, BATCH, first["epoch"], first["position"])
+        # keyed by the global batch, not this process's share of it: every process draws the size, crop and clip
+        # length one process would draw for the whole global batch
+        rng = keyed_rng(self.seed, BATCH, first["epoch"], first["batch_position"])
         base_size, frame_cap = self._base_size_and_frame_cap(data_type, samples, rng)
 
         height, width = first["pixels"].shape[1:3]

@@ -90,13 +90,16 @@ class DataConfig:
 @dataclass(frozen=True)
 class SampleRef:
     """What the batch sampler hands to the dataset: the metadata index plus the key of the sample's randomness
-    (``epoch`` and its global ``position`` in that epoch's batch sequence), and the ``round`` of its batch (the
-    batches of one round are trained at the same step, one per process)."""
+    (``epoch`` and its global ``position`` in that epoch's batch sequence), the ``round`` of its batch (the
+    batches of one round are trained at the same step, one per process) and ``batch_position``, the position of
+    the first sample of its global batch: the key of the draws its whole global batch shares (size, crop, clip
+    length), so every process's share of one global batch is drawn alike."""
 
     index: int
     epoch: int = 0
     position: int = 0
     round: int = 0
+    batch_position: int = 0
 
 
 def compose_entries(entries: Sequence[dict], video_repeat: int) -> list[dict]:
@@ -208,7 +211,8 @@ def probe_size(entry: dict) -> tuple[int, int]:
 class VideoImageDataset(torch.utils.data.Dataset):
     """Metadata entries -> raw frames. Indexed by :class:`SampleRef` (or a plain int for epoch 0 / position 0).
 
-    Returns ``{"pixels": uint8 (F,H,W,3), "text", "data_type", "index", "epoch", "position", "failures"}`` where
+    Returns ``{"pixels": uint8 (F,H,W,3), "text", "data_type", "index", "epoch", "position", "round",
+    "batch_position", "failures"}`` where
     ``failures`` lists ``(path, error)`` for every file that had to be replaced to produce this sample.
     """
 
@@ -266,6 +270,7 @@ class VideoImageDataset(torch.utils.data.Dataset):
             "epoch": ref.epoch,
             "position": ref.position,
             "round": ref.round,
+            "batch_position": ref.batch_position,
             "failures": failures,
         }
 

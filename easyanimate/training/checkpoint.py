@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -124,11 +125,13 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
 
 def verify_pickles_hold_only_data(folder: Path) -> None:
     """Raise ``ValueError`` naming the first pickle file under ``folder`` that holds more than tensors, plain
-    containers, numbers, strings and numpy arrays."""
+    containers, numbers, strings, numpy arrays and (in a run under DeepSpeed) the plain-data records DeepSpeed's
+    ZeRO optimizer states hold."""
     import numpy as np
     import torch
 
-    data_types = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    data_types = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                  *_deepspeed_state_types()]
     for file in sorted(folder.rglob("*")):
         if not file.is_file() or file.suffix not in (".pkl", ".bin", ".pt", ".pth"):
             continue
@@ -140,6 +143,19 @@ def verify_pickles_hold_only_data(folder: Path) -> None:
                 f"refusing to resume from {folder}: {file.name} holds pickled objects other than plain data "
                 f"({str(exc).splitlines()[-1][:200]}). Resume only from checkpoints this project wrote."
             ) from exc
+
+
+def _deepspeed_state_types() -> list:
+    """The classes DeepSpeed pickles into its ZeRO optimizer states (loss-scaler settings, the ZeRO stage, a
+    parameter's fragment offsets: attributes only, no code), when this run uses DeepSpeed (already imported);
+    a run without it cannot resume a DeepSpeed checkpoint anyway."""
+    if "deepspeed" not in sys.modules:
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def _fsync_dir(path: Path) -> None:

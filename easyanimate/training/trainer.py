@@ -468,11 +468,39 @@ def make_accelerator(cfg: TrainConfig):
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / cfg.logging_dir)),
+        kwargs_handlers=deepspeed_cpu_process_group(),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_process_count(accelerator)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+def check_process_count(accelerator) -> None:
+    """Raise RuntimeError when the launcher started more processes (``WORLD_SIZE``) than accelerate counts: each
+    would train the whole run alone. This happens with ``torchrun`` on a machine without GPUs unless
+    ``ACCELERATE_USE_CPU=1`` is set."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate counts {accelerator.num_processes}, so each would "
+            "train alone; on a machine without GPUs set ACCELERATE_USE_CPU=1 for torchrun")
+
+
+def deepspeed_cpu_process_group() -> list:
+    """accelerate's process-group settings for ``accelerate launch --use_deepspeed`` on a machine without GPUs:
+    DeepSpeed's CPU backend (gloo) by name; elsewhere none. Without the name, accelerate (1.x) sets no backend there
+    and counts one process however many run, so every process would train rank 0's batches, write the same files,
+    and the loss gather would fail."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return []
+    return [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]
 
 
 def build_data(cfg: TrainConfig, accelerator) -> TrainingData:
@@ -683,9 +711,9 @@ def track_data_health(run: TrainingRun, batch: dict) -> None:
 
 def train_micro_batch(run: TrainingRun, batch: dict) -> dict:
     """Forward and backward of one micro-batch under accelerate's gradient accumulation; on the micro-batch that
-    completes an optimizer step, clip the gradients (DeepSpeed clips them itself) and step the optimizer. Adds
-    the loss, averaged over processes, to ``run.loss_sum``. Returns the gradient statistics to log: empty unless
-    this call clipped."""
+    completes an optimizer step, clip the gradients (DeepSpeed clips them itself, at ``max_grad_norm``) and step
+    the optimizer. Adds the loss, averaged over processes, to ``run.loss_sum``. Returns the gradient statistics to
+    log: empty unless this call completed a step."""
     accelerator, models = run.accelerator, run.models
     grad_stats = {}
     run.model.train()
@@ -696,8 +724,10 @@ def train_micro_batch(run: TrainingRun, batch: dict) -> dict:
         else:
             loss = compute_loss(run.model, models.transformer, models.frozen, models.objective, batch, run.cfg,
                                 run.device, run.weight_dtype)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and not run.use_deepspeed:
+        accelerator.backward(loss)  # under DeepSpeed, on a step's last micro-batch, also the engine's clip and step
+        if accelerator.sync_gradients and run.use_deepspeed:
+            grad_stats = {"grad_norm": float(run.model.get_global_grad_norm())}  # measured before its clip
+        elif accelerator.sync_gradients:
             grad_stats = clip_gradients(run)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
