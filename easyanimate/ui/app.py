@@ -47,7 +47,15 @@ from easyanimate.ui.generation import (
 )
 from easyanimate.ui.original_api import add_original_routes
 from easyanimate.ui.remote import RemoteStudio
-from easyanimate.ui.safety import NONE_CHOICE, RefusedError, UploadLimits
+from easyanimate.ui.safety import (
+    AUTH_ENV,
+    NONE_CHOICE,
+    RefusedError,
+    ServerAuth,
+    UploadLimits,
+    open_access_warning,
+    read_server_auth,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -339,6 +347,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--auth-file", default=None,
+                        help="file of credentials, one per line: user:password, or a token; with it (or with the "
+                        f"environment variable {AUTH_ENV}, same format) the page, its API and the /easyanimate "
+                        "routes serve only requests that carry one")
     parser.add_argument("--models-dir", default="models", help="folder whose sub-folders are the models offered")
     parser.add_argument("--lora-dir", default=None,
                         help="folder of LoRA .safetensors files (default <models-dir>/lora)")
@@ -351,8 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "public: one model, loaded at start, no LoRA or other weights, no long videos, small jobs; API requests meet "
         "the same limits. --ui-mode remote (the original's 'eas' mode) runs only the page here and sends each "
         "generation to --remote-url, a server with the model (this app.py or the original's), with the same page "
-        "limits; the token for its Authorization header comes from the environment variable "
-        f"{REMOTE_TOKEN_ENV} (or the original's EAS_TOKEN)")
+        "limits; the token for its Authorization header (or user:password, sent as HTTP basic auth) comes from the "
+        f"environment variable {REMOTE_TOKEN_ENV} (or the original's EAS_TOKEN)")
     hosted.add_argument("--ui-mode", choices=UI_MODES, default="normal", help="page mode")
     hosted.add_argument("--model", default=DEFAULT_MODEL_NAME,
                         help="the one model to serve: a folder under --models-dir (hosted) or on the server (remote)")
@@ -371,8 +383,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def launch(studio: Studio | RemoteStudio, *, host: str, port: int, share: bool = False, queue_size: int = 16,
-           prevent_thread_lock: bool = False):
-    """Queue and serve the app, with the original's HTTP routes beside it; returns the launched ``gr.Blocks``."""
+           auth: ServerAuth = ServerAuth(), prevent_thread_lock: bool = False):
+    """Queue and serve the app, with the original's HTTP routes beside it; returns the launched ``gr.Blocks``.
+    With ``auth`` the page asks for a login (Gradio's, which also guards its API) and the original's routes for
+    the ``Authorization`` header; without it a server reachable from other machines logs a warning."""
+    warning = open_access_warning(host, share, auth)
+    if warning:
+        logger.warning(warning)
     demo = build_app(studio)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     demo.launch(
@@ -383,9 +400,11 @@ def launch(studio: Studio | RemoteStudio, *, host: str, port: int, share: bool =
         max_file_size=studio.limits.max_bytes,
         prevent_thread_lock=True,
         footer_links=["api"],
+        auth=auth.check_login if auth else None,
+        auth_message="Log in with a user name and password, or any user name and a token as the password.",
     )
     if isinstance(studio, Studio):  # a remote front end has no models of its own to offer
-        add_original_routes(demo.server_app, studio)
+        add_original_routes(demo.server_app, studio, auth)
     if not prevent_thread_lock:
         demo.block_thread()
     return demo
@@ -394,6 +413,10 @@ def launch(studio: Studio | RemoteStudio, *, host: str, port: int, share: bool =
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        auth = read_server_auth(args.auth_file)
+    except ValueError as exc:
+        raise SystemExit(f"app.py: error: {exc}") from exc
     lora_dir = Path(args.lora_dir) if args.lora_dir else Path(args.models_dir) / "lora"
     hosted = None
     if args.ui_mode != "normal":
@@ -413,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
             logger.info(studio.load_model(hosted.model))
         except (ValueError, RefusedError) as exc:
             raise SystemExit(f"app.py: error: {exc}") from exc
-        launch(studio, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size)
+        launch(studio, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size, auth=auth)
         return
     try:
         studio = Studio(
@@ -426,4 +449,4 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(studio.load_model(hosted.model))  # before serving, so no visitor waits for it
     elif not studio.model_choices():
         logger.warning("no model folders under %s yet: add one and press 'Refresh lists'", args.models_dir)
-    launch(studio, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size)
+    launch(studio, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size, auth=auth)

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fastapi import Depends, HTTPException, Request
+
 from easyanimate.inference.request import RELEASED_NEGATIVE_PROMPT
 from easyanimate.ui.generation import (
     IMAGE_TO_VIDEO,
@@ -31,7 +33,7 @@ from easyanimate.ui.generation import (
     Studio,
     none_to_null,
 )
-from easyanimate.ui.safety import NONE_CHOICE, RefusedError, is_within
+from easyanimate.ui.safety import NONE_CHOICE, RefusedError, ServerAuth, is_within
 
 logger = logging.getLogger(__name__)
 SUCCESS = {"message": "Success"}
@@ -250,11 +252,27 @@ def infer_request(settings: GenerationSettings) -> dict[str, Any]:
     }
 
 
-def add_original_routes(app, studio: Studio) -> OriginalAPI:
+def require_credentials(auth: ServerAuth):
+    """A FastAPI dependency that answers 401 to a request whose ``Authorization`` header does not hold one of
+    ``auth``'s credentials (HTTP basic, a bearer token, or the bare token that the original's EAS clients send)."""
+
+    def check(request: Request) -> None:
+        if not auth.check_header(request.headers.get("authorization")):
+            raise HTTPException(status_code=401, detail="Error: this server needs credentials: send HTTP basic "
+                                "auth (user:password) or a token ('Authorization: Bearer <token>')",
+                                headers={"WWW-Authenticate": 'Basic realm="EasyAnimate"'})
+
+    return check
+
+
+def add_original_routes(app, studio: Studio, auth: ServerAuth | None = None) -> OriginalAPI:
     """Register the three routes on the server's FastAPI ``app`` (plain ``def`` handlers: FastAPI runs them in
-    its thread pool, and the Studio's lock serialises them with the web page's generations)."""
+    its thread pool, and the Studio's lock serialises them with the web page's generations); with ``auth``, only
+    for requests that carry its credentials."""
     api = OriginalAPI(studio)
-    app.add_api_route("/easyanimate/update_edition", api.update_edition, methods=["POST"])
-    app.add_api_route("/easyanimate/update_diffusion_transformer", api.update_diffusion_transformer, methods=["POST"])
-    app.add_api_route("/easyanimate/infer_forward", api.infer_forward, methods=["POST"])
+    dependencies = [Depends(require_credentials(auth))] if auth else None
+    for route, handler in [("update_edition", api.update_edition),
+                           ("update_diffusion_transformer", api.update_diffusion_transformer),
+                           ("infer_forward", api.infer_forward)]:
+        app.add_api_route(f"/easyanimate/{route}", handler, methods=["POST"], dependencies=dependencies)
     return api

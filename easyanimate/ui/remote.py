@@ -3,8 +3,9 @@ each generation is posted to ``<url>/easyanimate/infer_forward`` of a server tha
 ``app.py`` or the original's, e.g. on a GPU machine or behind Alibaba Cloud EAS), and the returned video is saved here.
 
 :class:`RemoteStudio` has the methods of :class:`~easyanimate.ui.generation.Studio` that the page uses, so the same
-page serves both. Like the original it sends ``Authorization: <token>`` and waits up to 300 s by default. Uploads are
-checked here before they are sent; results are written only to the local output folder.
+page serves both. Like the original it sends ``Authorization: <token>`` (or, for a ``user:password`` credential, HTTP
+basic auth) and waits up to 300 s by default. Uploads are checked here before they are sent; results are written
+only to the local output folder.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from easyanimate.ui.generation import (
     save_result,
 )
 from easyanimate.ui.original_api import infer_request
-from easyanimate.ui.safety import NONE_CHOICE, OutputFolder, RefusedError, UploadLimits
+from easyanimate.ui.safety import NONE_CHOICE, OutputFolder, RefusedError, UploadLimits, authorization_header
 from easyanimate.utils.atomic import write_bytes_atomic
 
 
@@ -49,7 +50,7 @@ class RemoteStudio:
         self.limits = upload_limits
         self.output = OutputFolder(output_dir)
         self.files = RemoteFiles(upload_limits)
-        headers = {"Authorization": token} if token else {}
+        headers = {"Authorization": authorization_header(token)} if token else {}
         self._client = httpx.Client(headers=headers, timeout=timeout)
         self._lock = threading.Lock()
         self._model_name: str | None = None

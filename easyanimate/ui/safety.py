@@ -1,14 +1,19 @@
-"""What the web server may read and write.
+"""What the web server may read and write, and who may use it.
 
 The original UI binds to 0.0.0.0 and its HTTP routes take arbitrary filesystem paths (and load them with pickle).
 Here every file the server touches is chosen *by name* from a listing of an allowed folder and re-checked by its
 real path (so ``..``, absolute paths and symlinks that leave the folder are refused), LoRA and transformer weights
 are only ``.safetensors``, uploads are checked for size, type and decoded dimensions before any model sees them, and
-results are written only below the output folder.
+results are written only below the output folder. With credentials (:class:`ServerAuth`) only their holders reach
+the page, its API and the original's routes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -170,3 +175,119 @@ class OutputFolder:
         if not is_within(Path(path).parent, self.root):
             raise RefusedError(f"refusing to write {path}: outside the output folder {self.root}")
         return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------- access
+AUTH_ENV = "EASYANIMATE_AUTH"
+
+
+@dataclass(frozen=True, repr=False)
+class ServerAuth:
+    """Who may use the server: logins (user name and password) and tokens.
+
+    The page and the Gradio API ask for a login; a token is accepted as the password of any user name. The
+    original's HTTP routes take the same in the ``Authorization`` header: ``Basic`` (a login, or any user name with
+    a token), ``Bearer <token>``, or the bare token (as the original's EAS clients and remote mode send it).
+    Secrets are compared in constant time and never appear in ``repr`` or messages.
+    """
+
+    logins: tuple[tuple[str, str], ...] = ()
+    tokens: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"ServerAuth({len(self.logins)} logins, {len(self.tokens)} tokens)"
+
+    def __bool__(self) -> bool:
+        return bool(self.logins or self.tokens)
+
+    def __add__(self, other: "ServerAuth") -> "ServerAuth":
+        return ServerAuth(self.logins + other.logins, self.tokens + other.tokens)
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> "ServerAuth":
+        """Credentials from ``text``, one per line: ``user:password`` (a line with a colon) or a token; blank lines
+        and ``#`` comments are skipped. Raises ValueError naming ``source`` and the line number (not its content)."""
+        logins, tokens = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, colon, password = line.partition(":")
+            if colon and not (user.strip() and password):
+                raise ValueError(f"{source}, line {number}: a login needs a user name and a password (user:password)")
+            if colon:
+                logins.append((user.strip(), password))
+            else:
+                tokens.append(line)
+        return cls(tuple(logins), tuple(tokens))
+
+    def check_login(self, user: str, password: str) -> bool:
+        """True for a known login, or any user name with a token as the password."""
+        matches = [_same(user, u) & _same(password, p) for u, p in self.logins]
+        return any(matches) | self._is_token(password)
+
+    def check_header(self, authorization: str | None) -> bool:
+        """True when an ``Authorization`` header value carries a login or a token (see the class docstring)."""
+        if not authorization:
+            return False
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "basic" and value:
+            try:
+                user, colon, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            return bool(colon) and self.check_login(user, password)
+        if scheme.lower() == "bearer" and value:
+            return self._is_token(value.strip())
+        return self._is_token(authorization.strip())
+
+    def _is_token(self, value: str) -> bool:
+        return any([_same(value, token) for token in self.tokens])
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def authorization_header(credential: str) -> str:
+    """The ``Authorization`` value that presents ``credential`` to a server: HTTP basic for ``user:password``, else
+    the token itself, as the original's EAS clients send it (which :meth:`ServerAuth.check_header` accepts)."""
+    if ":" in credential:
+        return "Basic " + base64.b64encode(credential.encode("utf-8")).decode("ascii")
+    return credential
+
+
+def read_server_auth(auth_file: str | os.PathLike | None, environ: dict | None = None) -> ServerAuth:
+    """The server's credentials: those of ``auth_file`` and of the ``EASYANIMATE_AUTH`` environment variable
+    (the same format, see :meth:`ServerAuth.parse`), together; empty when neither is given. Raises ValueError for a
+    missing file or a malformed line."""
+    environ = os.environ if environ is None else environ
+    auth = ServerAuth.parse(environ.get(AUTH_ENV, ""), f"${AUTH_ENV}")
+    if auth_file:
+        try:
+            text = Path(auth_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--auth-file {auth_file}: cannot read it ({exc.strerror})") from exc
+        auth = auth + ServerAuth.parse(text, f"--auth-file {auth_file}")
+    return auth
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address or ``localhost``) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: assume it resolves to a network address
+        return False
+
+
+def open_access_warning(host: str, share: bool, auth: ServerAuth) -> str | None:
+    """The warning for a server that other machines can reach (``host`` not loopback, or ``share``) and that asks
+    for no credentials; None otherwise."""
+    if auth or (is_loopback(host) and not share):
+        return None
+    where = "a public gradio.live link" if share else f"--host {host}"
+    return (f"SERVING WITHOUT LOGIN on {where}: anyone who can reach it can use the page, its API and the "
+            "/easyanimate routes, and run generations on this machine. Give credentials with --auth-file or the "
+            f"environment variable {AUTH_ENV} (README.md, 'Web UI and API').")
