@@ -32,8 +32,6 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EASYANIMATE_SHARED", REPO.parent / "shared"))  # as tests/conftest.py finds it
 
@@ -82,6 +80,38 @@ def _snapshot() -> Path:
         pytest.skip(f"ComfyUI's requirements are not installed (missing {', '.join(missing)}): run "
                     "scripts/install_comfyui_test_deps.sh")
     return snapshots[-1]
+
+
+# ---------------------------------------------------------------------------- without a server (always run)
+def _frames_module():
+    """``comfyui/frames.py`` alone (the package's ``__init__`` needs ComfyUI)."""
+    spec = importlib.util.spec_from_file_location("easyanimate_comfyui_frames", REPO / "comfyui" / "frames.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_batches_become_the_requests_images_and_videos_and_back():
+    frames = _frames_module()
+    batch = torch.rand(5, 32, 48, 3)
+    assert frames.images_to_pil(batch[:1]).size == (48, 32)  # one image: kept on the first frames
+    assert [image.size for image in frames.images_to_pil(batch[:2])] == [(48, 32)] * 2  # several: that many frames
+    video = frames.images_to_video(batch)
+    assert video.shape == (3, 5, 32, 48) and torch.equal(video[:, 2], batch[2].permute(2, 0, 1))
+    assert torch.equal(frames.video_to_images(video[None]), batch)
+    with pytest.raises(ValueError, match=r"\[frames, height, width, 3\]"):
+        frames.images_to_video(torch.rand(5, 3, 32, 48))
+
+
+def test_an_in_memory_video_of_another_size_is_resized_to_the_request():
+    from easyanimate.inference import GenerationRequest, LocalFiles, RequestError, prepare
+
+    video = torch.rand(3, 24, 96, 80)
+    request = GenerationRequest(kind="Video to Video", video=video, width=64, height=48, frames=16)
+    prepared = prepare(request, LocalFiles())
+    assert prepared.video.shape == (1, 3, 16, 48, 64) and 0 <= prepared.video.min() <= prepared.video.max() <= 1
+    with pytest.raises(RequestError, match="input video tensor must be"):
+        prepare(request.replace(video=video.permute(1, 2, 3, 0)), LocalFiles())
 
 
 # ------------------------------------------------------------------------------------------------- the server
@@ -293,6 +323,7 @@ def read_result(path: Path) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------------- tests
+@pytest.mark.slow
 def test_text_to_video_workflow_draws_the_prompt(server):
     from easyanimate.demo.judge import judge_frames
     from easyanimate.inference import read_model_defaults
@@ -311,6 +342,7 @@ def test_text_to_video_workflow_draws_the_prompt(server):
     assert (verdict.color, verdict.shape) == ("red", "circle"), f"{demo.prompt!r} drawn as {verdict}"
 
 
+@pytest.mark.slow
 def test_image_to_video_workflow_starts_from_the_image(server):
     from easyanimate.demo.judge import judge_frames
 
@@ -322,6 +354,7 @@ def test_image_to_video_workflow_starts_from_the_image(server):
     assert judge_frames(video).color == "red"  # the start image's circle
 
 
+@pytest.mark.slow
 def test_video_to_video_workflow_redraws_a_video_of_another_size(server):
     from easyanimate.demo.judge import judge_frames
 
@@ -334,6 +367,7 @@ def test_video_to_video_workflow_redraws_a_video_of_another_size(server):
     assert judge_frames(video).color == "blue"
 
 
+@pytest.mark.slow
 def test_long_video_continues_chunks_between_start_and_end_images(server):
     prompt = workflow_prompt(server, "easyanimate_i2v.json")
     sampler_id, sampler = node_of(prompt, "EasyAnimateImageToVideo")
@@ -361,6 +395,7 @@ def _settings_lora_image_prompt(lora: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_recommended_settings_lora_and_step_cache_in_text_to_image(server):
     from PIL import Image
 
@@ -375,6 +410,7 @@ def _with(prompt: dict, class_type: str, **inputs) -> dict:
     return prompt
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_errors_and_the_server_keeps_serving(server):
     t2v = workflow_prompt(server, "easyanimate_t2v.json")
     v2v = workflow_prompt(server, "easyanimate_v2v.json")
@@ -427,6 +463,7 @@ async def _interrupt_while_sampling(server: ComfyServer, prompt: dict, timeout: 
             return progress, time.monotonic() - interrupted
 
 
+@pytest.mark.slow
 def test_progress_bar_follows_the_steps_and_cancel_stops_sampling(server):
     steps = 1000  # minutes of sampling unless the interrupt reaches the sampling loop
     prompt = _with(workflow_prompt(server, "easyanimate_t2v.json"), "EasyAnimateTextToVideo", steps=steps, seed=7)
