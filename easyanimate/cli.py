@@ -46,7 +46,7 @@ LABELS = {
     "seed": "--seed", "fps": "--fps", "partial_frames": "--chunk-frames", "overlap_frames": "--overlap",
     "denoise_strength": "--strength", "start_image": "--image", "end_image": "--end-image", "video": "--video",
     "lora": "--lora", "lora_strength": "--lora-weight", "transformer_weights": "--transformer-path",
-    "vae_weights": "--vae-path", "device": "--device", "step_cache": "--step-cache",
+    "vae_weights": "--vae-path", "device": "--device", "step_cache": "--step-cache", "compile": "--compile",
     "step_cache_skip_start": "--step-cache-skip-start",
 }
 RECOMMENDED = "the model's recommended setting (its generation_defaults.json; the released model: {})"
@@ -84,8 +84,13 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--memory-mode", type=_memory_mode, choices=MEMORY_MODES, default="model_cpu_offload",
                        help="GPU memory saving: model_cpu_offload keeps idle models on the CPU (the original's "
-                            "default); sequential_cpu_offload streams every layer (slowest, least memory); gpu keeps "
-                            "everything on the GPU; ignored on CPU")
+                            "default); model_cpu_offload_and_fp8 (or the original's model_cpu_offload_and_qfloat8) "
+                            "also stores the transformer's large weights in fp8, half their memory (on a CPU only "
+                            "that part applies); sequential_cpu_offload streams every layer (slowest, least "
+                            "memory); gpu keeps everything on the GPU; offload is ignored on CPU")
+    model.add_argument("--compile", action="store_true",
+                       help="compile each transformer block with torch.compile: the first call takes longer "
+                            "(compiling), later steps and calls of the same size run faster; same results")
     model.add_argument("--transformer-path", default=None,
                        help="transformer weights to use instead of the model folder's: a .safetensors file or a "
                             "folder, e.g. train.py's OUTPUT_DIR/transformer (all keys must match)")
@@ -176,7 +181,8 @@ def to_request(task: str, args: argparse.Namespace):
         **{k: v for k, v in given.items() if v is not None},
         model=str(args.model), kind=kind, sampler=args.sampler, seed=args.seed, lora=args.lora,
         lora_strength=args.lora_weight, transformer_weights=args.transformer_path, vae_weights=args.vae_path,
-        memory_mode=args.memory_mode, dtype=args.dtype, device=args.device, vae_tiling=args.vae_tiling,
+        memory_mode=args.memory_mode, compile=args.compile, dtype=args.dtype, device=args.device,
+        vae_tiling=args.vae_tiling,
         fps=args.fps, color_transfer=args.color_transfer, step_cache=args.step_cache,
         step_cache_skip_start=args.step_cache_skip_start,
     )
@@ -260,9 +266,15 @@ def main(task: str, argv: list[str] | None = None) -> Path:
     start = time.time()
     try:
         pipe = load_pipeline(job)
-    except CheckpointError as exc:  # a corrupt or mismatched weights file: say which and why, no traceback
+    except (CheckpointError, RequestError) as exc:
+        # a corrupt or mismatched weights file, or fp8 / compile / GPU memory this machine lacks: say which and
+        # what to use instead, no traceback
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(f"loaded {args.model} in {time.time() - start:.1f}s", file=sys.stderr)
-    path, _ = write_result(generate(pipe, job.prepared), job.output)
+    try:
+        generation = generate(pipe, job.prepared)
+    except RequestError as exc:  # out of GPU memory: the message names the memory mode or size to try
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    path, _ = write_result(generation, job.output)
     print(path)
     return path

@@ -212,3 +212,22 @@ def test_out_of_gpu_memory_names_the_next_memory_mode_and_a_smaller_job():
     assert isinstance(caught.value, RequestError)  # front ends already show these messages
     assert "memory mode" not in out_of_memory_advice("sequential_cpu_offload", 384, 672, 144)
     assert out_of_memory_advice("none").startswith("try memory mode model_cpu_offload,")
+
+
+def test_a_generation_out_of_gpu_memory_names_what_to_try():
+    """Through the request layer, whichever front end asked."""
+    from easyanimate.inference.runner import generate, prepare
+
+    class OutOfMemoryPipe:
+        is_inpaint = False
+
+        def set_sampler(self, name):
+            pass
+
+        def __call__(self, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    prepared = prepare(GenerationRequest(memory_mode="gpu", height=384, width=672, frames=144))
+    with pytest.raises(OutOfGPUMemory, match="at 384x672, 144 frames in memory mode gpu: try memory mode "
+                                             "model_cpu_offload, or 72 frames"):
+        generate(OutOfMemoryPipe(), prepared)

@@ -234,7 +234,10 @@ def total_steps(prepared: PreparedRequest) -> int:
 
 def generate(pipe, prepared: PreparedRequest, on_step: ProgressCallback | None = None) -> Generation:
     """Run ``pipe`` for a prepared request: its sampler, its LoRA merged for this call only (removed again, also on
-    failure), the pipeline call its kind needs. ``on_step(done, total)`` follows the denoising steps."""
+    failure), the pipeline call its kind needs. ``on_step(done, total)`` follows the denoising steps. Running out
+    of GPU memory raises :class:`~easyanimate.inference.loading.OutOfGPUMemory` naming what to try instead."""
+    from easyanimate.inference.loading import advise_on_out_of_memory
+
     r = prepared.request
     check_model_fits(r, pipe.is_inpaint)
     total, done = total_steps(prepared), 0
@@ -251,7 +254,9 @@ def generate(pipe, prepared: PreparedRequest, on_step: ProgressCallback | None =
     if prepared.lora_path is not None:
         pipe.load_lora(prepared.lora_path, r.lora_strength)
     try:
-        videos, evaluations = _call_pipeline(pipe, prepared, step_end)
+        # a CUDA out-of-memory error becomes an OutOfGPUMemory (a RequestError) naming the memory mode or size to try
+        with advise_on_out_of_memory(r.memory_mode, prepared.height, prepared.width, prepared.frames, r.vae_tiling):
+            videos, evaluations = _call_pipeline(pipe, prepared, step_end)
     finally:
         if prepared.lora_path is not None:
             pipe.unload_lora()

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 
+DEFAULT_BACKEND = "inductor"  # what compile_blocks uses unless told otherwise
+
+
 class CompileUnavailable(RuntimeError):
     """torch.compile cannot run here; the message says what to do instead."""
 
@@ -44,9 +47,9 @@ def check_compile_support(device: torch.device | str | None = None, backend: str
                                  f"small GPU, or {instead}")
     if not hasattr(torch, "compile"):
         raise CompileUnavailable(f"torch {torch.__version__} has no torch.compile (needs torch >= 2.0); {instead}")
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    if not torch._dynamo.is_dynamo_supported():
+    if not dynamo.is_dynamo_supported():
         raise CompileUnavailable(f"torch.compile does not support Python {sys.version.split()[0]} on this platform "
                                  f"with torch {torch.__version__}; {instead}")
     if backend != "inductor":
@@ -73,14 +76,15 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
-def compile_blocks(transformer: nn.Module, *, backend="inductor", mode: str | None = None,
+def compile_blocks(transformer: nn.Module, *, backend=None, mode: str | None = None,
                    fullgraph: bool = True, dynamic: bool | None = None) -> int:
-    """Compile every block of ``transformer`` in place (``block.compile(...)``; the arguments are torch.compile's);
-    returns the number of blocks. Nothing compiles until the first forward. Compiling twice replaces the earlier
-    settings. ``backend`` may be a callable (tests count compilations with one)."""
+    """Compile every block of ``transformer`` in place (``block.compile(...)``; the arguments are torch.compile's,
+    ``backend`` None meaning :data:`DEFAULT_BACKEND`); returns the number of blocks. Nothing compiles until the
+    first forward. Compiling twice replaces the earlier settings. ``backend`` may be a callable (tests count
+    compilations with one). ``fullgraph``: a block that cannot be traced whole is an error, not a silent split."""
     blocks = transformer_blocks(transformer)
     for block in blocks:
-        block.compile(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+        block.compile(backend=backend or DEFAULT_BACKEND, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
     return len(blocks)
 
 
