@@ -5,6 +5,9 @@ which checks every input *before* any model is loaded (that takes minutes for th
 counts, sampler names, and that the model folder, weights, LoRA, image and video files exist and can be read.
 Settings not given on the command line are the model folder's recommended ones. The result is written as mp4 (png
 for one frame) with its settings JSON beside it, each through a temporary file, and its path is printed.
+
+Under ``torchrun --nproc_per_node N ... --ulysses-degree N`` the N processes split the transformer's tokens
+(:mod:`easyanimate.inference.distributed`); rank 0 alone prints, decodes and writes.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ LABELS = {
     "denoise_strength": "--strength", "start_image": "--image", "end_image": "--end-image", "video": "--video",
     "lora": "--lora", "lora_strength": "--lora-weight", "transformer_weights": "--transformer-path",
     "vae_weights": "--vae-path", "device": "--device", "step_cache": "--step-cache", "compile": "--compile",
-    "step_cache_skip_start": "--step-cache-skip-start",
+    "step_cache_skip_start": "--step-cache-skip-start", "ulysses_degree": "--ulysses-degree",
+    "ring_degree": "--ring-degree",
 }
 RECOMMENDED = "the model's recommended setting (its generation_defaults.json; the released model: {})"
 
@@ -100,6 +104,19 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     model.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles to save memory")
     model.add_argument("--lora", default=None, help="LoRA file (.safetensors) to merge into the model")
     model.add_argument("--lora-weight", type=float, default=DEFAULT_LORA_STRENGTH, help="strength of the LoRA")
+
+    parallel = parser.add_argument_group(
+        "multi-GPU (sequence parallel)",
+        "Split one video's transformer tokens across N processes started together by torchrun, one per GPU (NCCL) "
+        "or on CPUs (gloo): torchrun --nproc_per_node N predict_%s.py ... --ulysses-degree N. Every process loads "
+        "the whole model; rank 0 decodes and writes the result. --ulysses-degree x --ring-degree must equal N." % task)
+    parallel.add_argument("--ulysses-degree", type=int, default=1, metavar="N",
+                          help="processes that exchange attention heads (all-to-all; yunchang's Ulysses); must "
+                               "divide the model's attention heads (16 for the released model)")
+    parallel.add_argument("--ring-degree", type=int, default=1, metavar="N",
+                          help="processes that pass keys and values around a ring (yunchang's ring attention): "
+                               "CUDA GPUs and bf16/fp16 only, and (height/16) x (width/16) must divide by "
+                               "ulysses x ring")
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompt", required=True, help="what to generate (English or Chinese)")
@@ -184,7 +201,8 @@ def to_request(task: str, args: argparse.Namespace):
         memory_mode=args.memory_mode, compile=args.compile, dtype=args.dtype, device=args.device,
         vae_tiling=args.vae_tiling,
         fps=args.fps, color_transfer=args.color_transfer, step_cache=args.step_cache,
-        step_cache_skip_start=args.step_cache_skip_start,
+        step_cache_skip_start=args.step_cache_skip_start, ulysses_degree=args.ulysses_degree,
+        ring_degree=args.ring_degree,
     )
     if task == "i2v":  # one image as itself (the pipeline keeps it on 3 frames), several as frames
         request = request.replace(start_image=_one_or_list(args.image), end_image=_one_or_list(args.end_image),
@@ -212,8 +230,12 @@ def validate(task: str, args: argparse.Namespace) -> Job:
     from easyanimate.inference.loading import folder_is_inpaint
     from easyanimate.inference.runner import prepare
 
+    from easyanimate.inference.distributed import check_degrees
+
     request, notices = to_request(task, args)
     try:
+        # also with degree 1: N processes launched without a degree would each write the same video
+        check_degrees(request.ulysses_degree, request.ring_degree, labels=LABELS)
         prepared = prepare(request, labels=LABELS, is_inpaint=folder_is_inpaint(request.model))
     except RequestError as exc:
         raise InputError(str(exc)) from exc
@@ -250,18 +272,27 @@ def load_pipeline(job: Job):
     return load_for(job.prepared)
 
 
-def main(task: str, argv: list[str] | None = None) -> Path:
-    """Parse, validate, load, generate and save; returns the written file's path (also printed)."""
+def main(task: str, argv: list[str] | None = None) -> Path | None:
+    """Parse, validate, load, generate and save; returns the written file's path (also printed), or None on the
+    processes of a sequence-parallel launch other than rank 0 (they print and write nothing)."""
+    from easyanimate.inference.distributed import is_output_rank, shutdown
     from easyanimate.inference.runner import generate, write_result
     from easyanimate.utils.weights import CheckpointError
 
     parser = build_parser(task)
     args = parser.parse_args(argv)
+    speaks = is_output_rank()  # under torchrun every process fails alike; one message is enough
+
+    def fail(message: str, usage: bool = False):
+        if not speaks:
+            sys.exit(2)
+        parser.error(message) if usage else parser.exit(2, f"{parser.prog}: error: {message}\n")
+
     try:
         job = validate(task, args)
     except InputError as exc:
-        parser.error(str(exc))
-    for notice in job.notices:
+        fail(str(exc), usage=True)
+    for notice in job.notices if speaks else ():
         print(f"note: {notice}", file=sys.stderr)
     start = time.time()
     try:
@@ -269,12 +300,17 @@ def main(task: str, argv: list[str] | None = None) -> Path:
     except (CheckpointError, RequestError) as exc:
         # a corrupt or mismatched weights file, or fp8 / compile / GPU memory this machine lacks: say which and
         # what to use instead, no traceback
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    print(f"loaded {args.model} in {time.time() - start:.1f}s", file=sys.stderr)
+        fail(str(exc))
+    if speaks:
+        print(f"loaded {args.model} in {time.time() - start:.1f}s", file=sys.stderr)
     try:
         generation = generate(pipe, job.prepared)
     except RequestError as exc:  # out of GPU memory: the message names the memory mode or size to try
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        fail(str(exc))
+    finally:
+        shutdown()
+    if generation.videos is None:  # another process of a sequence-parallel launch writes the result
+        return None
     path, _ = write_result(generation, job.output)
     print(path)
     return path

@@ -166,6 +166,8 @@ def load_pipeline(
     sampler: str = "Euler",
     vae_tiling: bool = False,
     compile: bool = False,
+    ulysses_degree: int = 1,
+    ring_degree: int = 1,
 ):
     """The pipeline of a model folder, ready to run on ``device`` (default: CUDA when available, else the CPU).
 
@@ -175,6 +177,9 @@ def load_pipeline(
     :func:`apply_memory_mode`): "gpu", "model_cpu_offload", "model_cpu_offload_and_fp8" (or the original's name
     "model_cpu_offload_and_qfloat8") or "sequential_cpu_offload"; only the fp8 storage of the fp8 mode applies on a
     CPU. ``compile`` compiles each transformer block (:mod:`easyanimate.models.compiled`) on its first call.
+    ``ulysses_degree x ring_degree`` > 1 splits the transformer's tokens across the processes of this launch
+    (:mod:`easyanimate.models.sequence_parallel`), connecting them first
+    (:func:`easyanimate.inference.distributed.setup_sequence_parallel`; a CUDA device becomes ``cuda:LOCAL_RANK``).
 
     Raises :class:`~easyanimate.inference.request.RequestError` naming what to use instead, before anything is
     loaded, when this torch or device cannot store fp8 weights or compile, and :class:`OutOfGPUMemory` when the
@@ -185,6 +190,11 @@ def load_pipeline(
 
     memory_mode = canonical_memory_mode(memory_mode)
     check_model_folder(model_dir)
+    parallel = ulysses_degree * ring_degree > 1
+    if parallel:
+        from easyanimate.inference.distributed import setup_sequence_parallel
+
+        device = setup_sequence_parallel(ulysses_degree, ring_degree, device)  # this process's device
     device = resolve_device(device)
     check_model_options(memory_mode, compile, device)
     if isinstance(dtype, str):
@@ -203,6 +213,11 @@ def load_pipeline(
         from easyanimate.models.compiled import compile_blocks
 
         compile_blocks(pipe.transformer)
+    if parallel:
+        from easyanimate.models.sequence_parallel import enable_sequence_parallel
+
+        if enable_sequence_parallel(pipe.transformer, ulysses_degree, ring_degree).rank != 0:
+            pipe.set_progress_bar_config(disable=True)  # one progress bar per launch, rank 0's
     if vae_tiling:
         pipe.enable_vae_tiling()
     return pipe

@@ -94,6 +94,8 @@ DEFAULT_LABELS = {
     "base_resolution": "base resolution",
     "step_cache": "step cache threshold",
     "step_cache_skip_start": "step cache start steps",
+    "ulysses_degree": "Ulysses degree",
+    "ring_degree": "ring degree",
 }
 
 # The released model's recommended settings, used for any model folder that brings none of its own
@@ -119,7 +121,9 @@ class GenerationRequest:
     are one image (kept on the first / last 3 frames) or a list of images (kept as that many first / last frames);
     ``video`` is the input of video to video. ``partial_frames`` / ``overlap_frames`` chunk a long video.
     ``seed`` -1 draws a random seed, recorded with the result. ``step_cache`` > 0 lets steps whose transformer output
-    barely changes reuse the last full step's (:mod:`easyanimate.models.step_cache`). Defaults are the released model's recommended
+    barely changes reuse the last full step's (:mod:`easyanimate.models.step_cache`). ``ulysses_degree`` x
+    ``ring_degree`` > 1 splits the transformer's tokens across that many processes, which must have been launched
+    together (torchrun; see :mod:`easyanimate.inference.distributed`). Defaults are the released model's recommended
     settings; :meth:`ModelDefaults.request <easyanimate.inference.defaults.ModelDefaults.request>` starts from
     a model folder's own.
     """
@@ -156,6 +160,14 @@ class GenerationRequest:
     color_transfer: bool = False
     step_cache: float = 0.0  # threshold of the adaptive step cache; 0 runs every transformer block at every step
     step_cache_skip_start: int = RECOMMENDED_SKIP_START_STEPS  # steps at the start that always run in full
+    # Sequence parallelism (models/sequence_parallel.py): one video's tokens split across ulysses x ring processes.
+    ulysses_degree: int = 1  # all-to-all over heads: must divide the attention heads
+    ring_degree: int = 1  # k, v passed around a ring (CUDA only)
+
+    @property
+    def parallel_degree(self) -> int:
+        """Processes one generation is split across (1: not split)."""
+        return self.ulysses_degree * self.ring_degree
 
     def replace(self, **changes) -> "GenerationRequest":
         """A copy with ``changes`` applied."""
@@ -224,11 +236,25 @@ def check_request(request: GenerationRequest, *, labels: Mapping[str, str] | Non
                "model_cpu_offload_and_fp8 with it, or turn compile off")
     if request.kind == TEXT_TO_VIDEO and request.frames == 1:
         request = request.replace(kind=TEXT_TO_IMAGE)
+    _check_parallel(c, request)
     _check_numbers(c, request)
     _check_size(c, request)
     _check_frames(c, request)
     _check_inputs(c, request)
     return request
+
+
+def _check_parallel(c: _Checker, r: GenerationRequest) -> None:
+    """The sequence-parallel degrees alone; :func:`~easyanimate.inference.distributed.check_parallel_request` checks
+    them against the launch, the model, the device and the size."""
+    for field in ("ulysses_degree", "ring_degree"):
+        value = getattr(r, field)
+        if not isinstance(value, int) or value < 1:
+            c.fail(f"{c.label(field)} must be a whole number >= 1 (1: not split), got {value!r}")
+    if r.compile and r.parallel_degree > 1:
+        # the attention's all-to-all inside a block would break the compiled block's single graph
+        c.fail(f"{c.label('compile')} does not work with sequence parallelism ({c.label('ulysses_degree')} / "
+               f"{c.label('ring_degree')} > 1) yet; turn one of them off")
 
 
 def _check_numbers(c: _Checker, r: GenerationRequest) -> None:

@@ -183,6 +183,10 @@ def prepare(request: GenerationRequest, files: LocalFiles | None = None, *, labe
         else:
             ref_height, ref_width = video_shape[1:]
         prepared.height, prepared.width = reference_size(ref_height, ref_width, r.base_resolution)
+    if r.parallel_degree > 1:
+        from easyanimate.inference.distributed import check_parallel_request
+
+        check_parallel_request(r, prepared.height, prepared.width, prepared.model_path, labels=names)
     if video_shape is not None:
         if video_shape[0] is not None and video_shape[0] < prepared.frames:  # None: not known here
             raise RequestError(f"the input video has {video_shape[0]} frames, fewer than the {prepared.frames} "
@@ -212,9 +216,10 @@ def check_model_fits(request: GenerationRequest, is_inpaint: bool, model_name: s
 
 @dataclass
 class Generation:
-    """A generated video (1, 3, F, H, W) in [0, 1] on the CPU and the settings that made it (JSON-able)."""
+    """A generated video (1, 3, F, H, W) in [0, 1] on the CPU and the settings that made it (JSON-able). ``videos``
+    is None on the processes of a sequence-parallel launch other than rank 0: they neither decode nor write."""
 
-    videos: torch.Tensor
+    videos: torch.Tensor | None
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -262,7 +267,16 @@ def generate(pipe, prepared: PreparedRequest, on_step: ProgressCallback | None =
             pipe.unload_lora()
     settings = prepared.settings()
     settings.update(seconds=round(time.time() - began, 2), transformer_evaluations=evaluations)
-    return Generation(videos, settings)
+    return Generation(videos if _decodes(pipe, r) else None, settings)
+
+
+def _decodes(pipe, request: GenerationRequest) -> bool:
+    """Whether this process decodes the video: always, except under sequence parallelism, where rank 0 alone does
+    (the others hold the same latents and write nothing; splitting the causal VAE's decode would need halo exchanges
+    in every 3D convolution) -- but every process decodes the chunks of a long video, whose next chunk starts from
+    the decoded frames (no slower: rank 0 decodes them meanwhile)."""
+    parallel = getattr(pipe.transformer, "sequence_parallel", None)
+    return parallel is None or parallel.rank == 0 or request.kind == LONG_VIDEO
 
 
 def _call_pipeline(pipe, prepared: PreparedRequest, step_end) -> tuple[torch.Tensor, int | None]:
@@ -280,6 +294,8 @@ def _call_pipeline(pipe, prepared: PreparedRequest, step_end) -> tuple[torch.Ten
         callback_on_step_end=step_end,
         step_cache=StepCacheSettings(r.step_cache, r.step_cache_skip_start) if r.step_cache > 0 else False,
     )
+    if not _decodes(pipe, r):
+        common["output_type"] = "latent"
     if r.kind == VIDEO_TO_VIDEO:
         # every pixel is generated (mask 255), as the original passes it; strength decides how far from the video
         mask = torch.full((1, 1, *prepared.video.shape[2:]), 255.0)
@@ -320,21 +336,24 @@ def write_settings(settings: Mapping[str, Any], media: Path) -> Path:
 
 
 def run(request: GenerationRequest, output: str | Path, *, files: LocalFiles | None = None,
-        on_step: ProgressCallback | None = None) -> tuple[Path, Path]:
+        on_step: ProgressCallback | None = None) -> tuple[Path, Path] | None:
     """Check, load, generate and write one request (the command lines' whole job); returns the result's and its
-    settings file's paths."""
+    settings file's paths (None on the processes of a sequence-parallel launch that write nothing)."""
     from easyanimate.inference.loading import folder_is_inpaint
 
     prepared = prepare(request, files, is_inpaint=folder_is_inpaint(request.model))
-    return write_result(generate(load_for(prepared), prepared, on_step), output)
+    generation = generate(load_for(prepared), prepared, on_step)
+    return None if generation.videos is None else write_result(generation, output)
 
 
 def load_for(prepared: PreparedRequest):
     """The pipeline a prepared request asks for: its model folder, replacement weights, memory mode, dtype,
-    device, sampler, VAE tiling and compiled blocks."""
+    device, sampler, VAE tiling, compiled blocks and sequence-parallel degrees (connecting the processes of the
+    launch first)."""
     from easyanimate.inference.loading import load_pipeline
 
     r = prepared.request
     return load_pipeline(prepared.model_path, prepared.transformer_weights_path,
                          vae_weights=prepared.vae_weights_path, memory_mode=r.memory_mode, dtype=r.dtype,
-                         device=r.device, sampler=r.sampler, vae_tiling=r.vae_tiling, compile=r.compile)
+                         device=r.device, sampler=r.sampler, vae_tiling=r.vae_tiling, compile=r.compile,
+                         ulysses_degree=r.ulysses_degree, ring_degree=r.ring_degree)

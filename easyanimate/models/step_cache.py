@@ -16,11 +16,17 @@ between calls) and passes it to each transformer call with the step index.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 RECOMMENDED_THRESHOLD = 0.1  # measured on the demo model: see the README's step-cache table
 RECOMMENDED_SKIP_START_STEPS = 2
+
+
+def relative_change(first: torch.Tensor, previous: torch.Tensor) -> float:
+    """``mean|first - previous| / mean|previous|`` over every element (every row decides together)."""
+    return ((first - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
 
 
 @dataclass(frozen=True)
@@ -58,16 +64,20 @@ class StepCache:
     def begin_step(self, step: int) -> None:
         self.step = step
 
-    def reuse(self, first_output: torch.Tensor) -> bool:
-        """Whether this step may reuse the cached residual, given the first block's output (which is remembered)."""
+    def reuse(self, first_output: torch.Tensor,
+              measure: Callable[[torch.Tensor, torch.Tensor], float] | None = None) -> bool:
+        """Whether this step may reuse the cached residual, given the first block's output (which is remembered).
+        ``measure(first, previous)`` is the change (default :func:`relative_change`); under sequence parallelism
+        each process holds some tokens and passes one that sums over all processes, so all decide alike. It is
+        called only on steps that may reuse, which depends on the step and the earlier decisions alone: every
+        process calls it together."""
         previous, self.previous_first = self.previous_first, first_output
         must_run = (self.residual is None or self.step < self.settings.skip_start_steps
                     or self.step >= self.num_steps - 1 or previous is None
                     or previous.shape != first_output.shape or self.residual.shape != first_output.shape)
         if must_run:
             return False
-        change = ((first_output - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
-        self.accumulated += change
+        self.accumulated += (measure or relative_change)(first_output, previous)
         return self.accumulated < self.settings.threshold
 
     def cached_output(self, first_output: torch.Tensor) -> torch.Tensor:

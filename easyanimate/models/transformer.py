@@ -52,7 +52,9 @@ class FrameIndexEncoding(nn.Module):
 
     ``pe[p, 2i] = sin(p * 10000^(-2i/dim))``, ``pe[p, 2i+1] = cos(...)`` (interleaved). It is a persistent
     buffer, so it is part of the checkpoint (``blocks.N.t_embed.pe``) and follows the model dtype.
-    ``forward`` takes tokens ``(B, F*S, dim)`` ordered frame-major and returns them with frame ``f``'s row added.
+    ``forward`` takes tokens ``(B, F*S, dim)`` ordered frame-major and returns them with frame ``f``'s row added;
+    given ``frame_index`` ``(T,)`` (sequence parallelism: a slice of the tokens), token ``i`` gets row
+    ``frame_index[i]`` instead.
     """
 
     def __init__(self, dim: int, max_frames: int = MAX_LATENT_FRAMES):
@@ -64,7 +66,9 @@ class FrameIndexEncoding(nn.Module):
         pe[0, :, 1::2] = torch.cos(position * inv_freq)
         self.register_buffer("pe", pe, persistent=True)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, frame_index: torch.Tensor | None = None) -> torch.Tensor:
+        if frame_index is not None:
+            return x + self.pe[0, frame_index].to(x.dtype)
         batch, tokens, dim = x.shape
         x = x.reshape(batch, num_frames, tokens // num_frames, dim) + self.pe[0, :num_frames, None, :].to(x.dtype)
         return x.reshape(batch, tokens, dim)
@@ -196,11 +200,13 @@ class HunyuanDiTBlock3D(nn.Module):
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
         num_frames: int,
         skip: torch.Tensor | None = None,
+        frame_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``frame_index``: each token's latent frame when the tokens are a slice (sequence parallelism)."""
         if skip is not None:
             hidden_states = self.skip_linear(self.skip_norm(torch.cat([hidden_states, skip], dim=-1)))
         if num_frames > 1:
-            hidden_states = self.t_embed(hidden_states, num_frames)
+            hidden_states = self.t_embed(hidden_states, num_frames, frame_index)
 
         hidden_states = hidden_states + self.attn1(self.norm1(hidden_states, temb), image_rotary_emb=rotary_emb)
         hidden_states = hidden_states + self.attn2(
@@ -427,6 +433,8 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=NORM_EPS)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
+        # Set by easyanimate.models.sequence_parallel.enable_sequence_parallel: tokens split across processes.
+        self.sequence_parallel = None
 
     @property
     def is_inpaint(self) -> bool:
@@ -510,12 +518,24 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
         tokens = self._patchify(hidden_states, inpaint_latents, dtype)
         # The V4 pipeline hands the timestep over in the model dtype (bf16 rounds 961 -> 960): do the same here.
         temb = self.time_extra_emb(timestep.to(dtype).expand(batch), conditioning.extra_embedding, hidden_dtype=dtype)
-        args = (temb, conditioning.text_tokens, conditioning.image_tokens, conditioning.rotary_emb, frames)
+        rotary_emb, shard, frame_index, measure = conditioning.rotary_emb, None, None, None
+        if self.sequence_parallel is not None:
+            # Sequence parallelism (models/sequence_parallel.py): keep this process's slice of the tokens, with their
+            # global RoPE rows and frame indices; attn1 attends over every process's tokens, the step cache measures
+            # over all of them, and the slices are gathered once, after proj_out.
+            shard = self.sequence_parallel.shard(tokens.shape[1], grid_h * grid_w)
+            tokens, rotary_emb = shard.split(tokens), tuple(shard.split_rows(t) for t in rotary_emb)
+            frame_index, measure = shard.frame_index(tokens.device), shard.relative_change
+        args = (temb, conditioning.text_tokens, conditioning.image_tokens, rotary_emb, frames)
         if step_cache is None:
-            tokens = self._run_blocks(tokens, *args)
+            tokens = self._run_blocks(tokens, *args, frame_index=frame_index)
         else:
-            tokens = self._run_blocks_cached(tokens, *args, step_cache)
+            tokens = self._run_blocks_cached(tokens, *args, step_cache, frame_index=frame_index, measure=measure)
         tokens = self.proj_out(self.norm_out(tokens, temb.to(torch.float32)))
+        if shard is not None:
+            # Gathered after proj_out rather than before norm_out (both act per token): p*p*out_channels values per
+            # token (32 in the release) instead of the hidden size (1408), 44x fewer bytes.
+            tokens = shard.gather(tokens, self.sequence_parallel.stats)
         output = self._unpatchify(tokens, batch, frames, grid_h, grid_w)
         if not return_dict:
             return (output,)
@@ -617,16 +637,17 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
     def _run_blocks(self, tokens: torch.Tensor, temb: torch.Tensor, text_tokens: torch.Tensor,
                     image_tokens: torch.Tensor | None, rotary_emb: tuple[torch.Tensor, torch.Tensor],
                     frames: int, start: int = 0, end: int | None = None,
-                    skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    skips: list[torch.Tensor] | None = None, frame_index: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks ``start .. end - 1`` (default: all) with the U-ViT long skips: blocks ``0 .. L/2-2`` push their
         output onto ``skips``, blocks ``L/2+1 .. L-1`` pop one each (last in, first out), so block ``L-1-i``
-        receives block ``i``'s output. ``skips`` holds what the blocks before ``start`` pushed."""
+        receives block ``i``'s output. ``skips`` holds what the blocks before ``start`` pushed. ``frame_index``: each
+        token's latent frame when ``tokens`` are a slice (sequence parallelism)."""
         skips = [] if skips is None else skips
         num_layers = len(self.blocks)
         for layer in range(start, num_layers if end is None else end):
             block = self.blocks[layer]
             skip = skips.pop() if layer > num_layers // 2 else None
-            args = (tokens, temb, text_tokens, image_tokens, rotary_emb, frames, skip)
+            args = (tokens, temb, text_tokens, image_tokens, rotary_emb, frames, skip, frame_index)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, *args)
             else:
@@ -637,13 +658,17 @@ class HunyuanTransformer3DModel(ModelMixin, ConfigMixin):
 
     def _run_blocks_cached(self, tokens: torch.Tensor, temb: torch.Tensor, text_tokens: torch.Tensor,
                            image_tokens: torch.Tensor | None, rotary_emb: tuple[torch.Tensor, torch.Tensor],
-                           frames: int, cache: StepCache) -> torch.Tensor:
-        """The first block, then either every other block (refreshing the cache) or the cached residual."""
+                           frames: int, cache: StepCache, frame_index: torch.Tensor | None = None,
+                           measure=None) -> torch.Tensor:
+        """The first block, then either every other block (refreshing the cache) or the cached residual.
+        ``measure``: the cache's change measure (sequence parallelism: over every process's tokens)."""
         skips: list[torch.Tensor] = []
-        first = self._run_blocks(tokens, temb, text_tokens, image_tokens, rotary_emb, frames, end=1, skips=skips)
-        if cache.reuse(first):
+        first = self._run_blocks(tokens, temb, text_tokens, image_tokens, rotary_emb, frames, end=1, skips=skips,
+                                 frame_index=frame_index)
+        if cache.reuse(first, measure):
             return cache.cached_output(first)
-        output = self._run_blocks(first, temb, text_tokens, image_tokens, rotary_emb, frames, start=1, skips=skips)
+        output = self._run_blocks(first, temb, text_tokens, image_tokens, rotary_emb, frames, start=1, skips=skips,
+                                  frame_index=frame_index)
         cache.store(first, output)
         return output
 
