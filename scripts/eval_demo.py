@@ -1,9 +1,10 @@
 """Judge the demo model on held-out colour x shape x motion combinations, in English and Chinese.
 
-    python scripts/eval_demo.py [--model models/EasyAnimateV4-demo] [--modes t2v i2v v2v] [--seeds 0 1]
-                                [--size 64x64] [--steps 25] [--sampler Euler] [--guidance 3]
+    python scripts/eval_demo.py [--model models/EasyAnimateV4-demo] [--modes t2v i2v v2v] [--seeds 0 1 2 3]
+                                [--templates 0 1 2] [--size 64x64] [--steps 25] [--sampler Euler] [--guidance 3]
                                 [--save-dir DIR] [--json FILE]
 
+By default every caption template of each language and four seeds: what users will see, not one phrasing.
 Prints per-attribute (colour, shape, motion) and overall accuracy per mode and language, with the standard error of
 the overall figure over prompts (the seeds of one prompt mostly fail together), and for image-to-video (PSNR of the
 first frame against the given image) and video-to-video (PSNR against the input at strength 0.3).
@@ -45,12 +46,13 @@ def main() -> None:
     parser.add_argument("--split", choices=["held_out", "train"], default="held_out",
                         help="judge the held-out combinations (default) or the training ones")
     parser.add_argument("--languages", nargs="+", default=["en", "zh"], choices=["en", "zh"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--size", type=_size, default=(64, 64), help="HEIGHTxWIDTH (64x64 or 48x96 were trained)")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps")
     parser.add_argument("--sampler", default="Euler", choices=SAMPLER_NAMES, help="sampler by the original's name")
     parser.add_argument("--guidance", type=float, default=EvalSettings.guidance, help="classifier-free guidance")
-    parser.add_argument("--template", type=int, default=0, help="caption template number")
+    parser.add_argument("--templates", type=int, nargs="+", default=list(EvalSettings.templates),
+                        help="caption template numbers (default: all three of each language)")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every generated video here (gif)")
     parser.add_argument("--json", type=Path, default=None, help="write every verdict and the summary here")
     args = parser.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
     pipe = EasyAnimatePipeline.from_pretrained(args.model, device="cpu", sampler=args.sampler)
     combos = list(HELD_OUT) if args.split == "held_out" else training_combinations()
     settings = EvalSettings(height=args.size[0], width=args.size[1], steps=args.steps, guidance=args.guidance,
-                            seeds=tuple(args.seeds), languages=tuple(args.languages), template=args.template)
+                            seeds=tuple(args.seeds), languages=tuple(args.languages), templates=tuple(args.templates))
     start = time.time()
     records = evaluate(pipe, combos, settings, modes=tuple(args.modes), keep_videos=args.save_dir is not None)
     summary = summarize(records)

@@ -32,7 +32,7 @@ class EvalSettings:
     guidance: float = DEMO_DEFAULTS.guidance_scale
     seeds: tuple[int, ...] = (0,)
     languages: tuple[str, ...] = ("en", "zh")
-    template: int = 0
+    templates: tuple[int, ...] = (0, 1, 2)  # caption templates (each language has three); every one by default
     v2v_strength: float = 0.3
 
 
@@ -79,10 +79,11 @@ def evaluate(pipe, combinations=HELD_OUT, settings: EvalSettings = EvalSettings(
     from tqdm.auto import tqdm
 
     s = settings
-    jobs = [(m, c, lang, seed) for m in modes for c in combinations for lang in s.languages for seed in s.seeds]
+    jobs = [(m, c, lang, template, seed) for m in modes for c in combinations for lang in s.languages
+            for template in s.templates for seed in s.seeds]
     records = []
-    for mode, (color, shape, motion), language, seed in tqdm(jobs, desc="judging", disable=not progress):
-        prompt = caption(color, shape, motion, language, s.template)
+    for mode, (color, shape, motion), language, template, seed in tqdm(jobs, desc="judging", disable=not progress):
+        prompt = caption(color, shape, motion, language, template)
         kwargs = dict(prompt=prompt, negative_prompt=EVAL_NEGATIVE_PROMPT, height=s.height, width=s.width,
                       video_length=s.num_frames, num_inference_steps=s.steps, guidance_scale=s.guidance,
                       generator=torch.Generator().manual_seed(seed))
