@@ -2,7 +2,7 @@
 accuracy with fp8 against fp32.
 
     python -m benchmarks.bench_fp8                      # bytes + scale granularity (~1 min on a CPU)
-    python -m benchmarks.bench_fp8 --eval --seeds 0 1   # + held-out judged accuracy, fp32 vs fp8 (~1 h on 2 cores)
+    python -m benchmarks.bench_fp8 --eval --seeds 0 1 2 3 4 5 6 7   # + held-out judged accuracy (~40 min, 1 thread)
     python -m benchmarks.bench_fp8 --eval --json fp8_eval.json
 
 * **bytes**: the transformer's parameters and buffers in bf16, then with its large Linear weights in fp8, for the
@@ -108,12 +108,12 @@ def granularity_table(model_dir: str) -> list[dict]:
     return rows
 
 
-def eval_table(model_dir: str, seeds: list[int], modes: list[str]) -> tuple[list[dict], dict]:
+def eval_table(model_dir: str, seeds: list[int], modes: list[str], templates: list[int]) -> tuple[list[dict], dict]:
     from easyanimate.demo.evaluate import EvalSettings, evaluate, summarize
     from easyanimate.demo.shapes import HELD_OUT
     from easyanimate.inference.loading import load_pipeline
 
-    settings = EvalSettings(seeds=tuple(seeds))
+    settings = EvalSettings(seeds=tuple(seeds), templates=tuple(templates))
     summaries, rows = {}, []
     for label, memory_mode in (("fp32", "gpu"), ("fp8", "model_cpu_offload_and_fp8")):
         pipe = load_pipeline(model_dir, memory_mode=memory_mode, dtype="float32", device="cpu")
@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--eval", action="store_true", help="also judge the demo model with fp32 and fp8 weights")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--modes", nargs="+", default=["t2v", "i2v", "v2v"], choices=["t2v", "i2v", "v2v"])
+    parser.add_argument("--templates", nargs="+", type=int, default=[0],
+                        help="caption templates (the README's figures: template 0, as the model card's)")
     parser.add_argument("--skip-granularity", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -155,7 +157,7 @@ def main() -> None:
         results["granularity"] = granularity_table(args.model)
         print_table("scale granularity on the demo transformer (fp32 compute)", results["granularity"])
     if args.eval:
-        results["eval"], results["eval_summaries"] = eval_table(args.model, args.seeds, args.modes)
+        results["eval"], results["eval_summaries"] = eval_table(args.model, args.seeds, args.modes, args.templates)
         print_table(f"held-out judged accuracy, seeds {args.seeds}", results["eval"])
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -220,6 +220,7 @@ def test_a_generation_out_of_gpu_memory_names_what_to_try():
 
     class OutOfMemoryPipe:
         is_inpaint = False
+        transformer = None
 
         def set_sampler(self, name):
             pass

@@ -264,7 +264,8 @@ def apply_memory_mode(pipe, memory_mode: str, device: torch.device | str) -> Non
     if memory_mode in FP8_MEMORY_MODES:
         from easyanimate.models.fp8 import enable_fp8_weights
 
-        enable_fp8_weights(pipe.transformer)
+        # the rounding runs on the GPU when there is one, layer by layer, while the weights stay on the CPU
+        enable_fp8_weights(pipe.transformer, work_device=device if device.type == "cuda" else None)
     if device.type != "cuda" or memory_mode == "gpu":
         return
     if memory_mode == "sequential_cpu_offload":
