@@ -87,14 +87,27 @@ def test_first_call_compiles_and_later_steps_calls_and_lora_merges_do_not(tiny_t
     assert after_new_size <= 4 and counter.graphs == after_new_size
 
 
-def test_fp8_weights_compile_into_the_same_two_graphs(tiny_transformer):
+def cached_steps(model, inputs, steps=4) -> list[torch.Tensor]:
+    """``steps`` transformer calls under one step cache (threshold high enough that some steps reuse)."""
+    cache = StepCache(StepCacheSettings(threshold=0.5, skip_start_steps=1), num_steps=steps)
+    outputs = []
+    for step in range(steps):
+        cache.begin_step(step)
+        timestep = torch.full((2,), 900.0 - 200 * step)
+        outputs.append(run(model, {**inputs, "timestep": timestep}, step_cache=cache))
+    assert cache.full_evaluations < steps  # some steps reused the cached residual
+    return outputs
+
+
+def test_fp8_weights_and_the_step_cache_compile_into_the_same_two_graphs(tiny_transformer):
     model, counter = copy.deepcopy(tiny_transformer), CountingBackend()
     enable_fp8_weights(model)
     inputs = transformer_inputs(model.config)
-    expected = run(model, inputs)
+    expected, expected_cached = run(model, inputs), cached_steps(model, inputs)
     compile_blocks(model, backend=counter)
     torch.testing.assert_close(run(model, inputs), expected, rtol=0, atol=1e-6)
-    run(model, {**inputs, "timestep": torch.tensor([10.0, 20.0])})
+    for got, want in zip(cached_steps(model, inputs), expected_cached):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert counter.graphs == 2
 
 
