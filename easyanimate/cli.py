@@ -26,13 +26,13 @@ from easyanimate.inference.request import (
     FRAME_MULTIPLE,
     IMAGE_TO_VIDEO,
     LONG_VIDEO,
-    MEMORY_MODE_ALIASES,
     MEMORY_MODES,
     SAMPLER_NAMES,
     SIZE_MULTIPLE,
     TEXT_TO_VIDEO,
     VIDEO_TO_VIDEO,
     RequestError,
+    memory_mode_name,
     round_frames,
 )
 from easyanimate.utils.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
@@ -69,10 +69,6 @@ class InputError(ValueError):
     """Bad command-line input, reported before any model is loaded."""
 
 
-def _memory_mode(name: str) -> str:
-    return MEMORY_MODE_ALIASES.get(name, name)
-
-
 def build_parser(task: str) -> argparse.ArgumentParser:
     description, default_dir = TASKS[task]
     parser = argparse.ArgumentParser(
@@ -86,7 +82,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     model.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="weight dtype; auto = float32 on CPU, bfloat16 on GPUs that support it, else float16")
     model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--memory-mode", type=_memory_mode, choices=MEMORY_MODES, default="model_cpu_offload",
+    model.add_argument("--memory-mode", type=memory_mode_name, choices=MEMORY_MODES, default="model_cpu_offload",
                        help="GPU memory saving: model_cpu_offload keeps idle models on the CPU (the original's "
                             "default); model_cpu_offload_and_fp8 (or the original's model_cpu_offload_and_qfloat8) "
                             "also stores the transformer's large weights in fp8, half their memory (on a CPU only "

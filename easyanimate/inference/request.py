@@ -44,6 +44,11 @@ MEMORY_MODE_ALIASES = {"none": "gpu", "model_cpu_offload_and_qfloat8": "model_cp
 FP8_MEMORY_MODES = ("model_cpu_offload_and_fp8",)  # the modes that store the transformer's weights in fp8
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+
+def memory_mode_name(name: str) -> str:
+    """A memory mode by its one name (an older or the original's name maps to it; unknown names pass through)."""
+    return MEMORY_MODE_ALIASES.get(name, name)
+
 SIZE_MULTIPLE = 16  # the transformer's patch (2) times the VAE's spatial downsampling (8)
 FRAME_MULTIPLE = 8  # the VAE's temporal chunk (mini_batch_encoder): a video has a multiple of 8 frames
 START_FRAMES = 3  # frames one start (or end) image is kept on, as the original's image-to-video helper does

@@ -26,6 +26,7 @@ import gradio as gr
 
 from easyanimate.demo.examples import IMAGE_TEMPLATES, TEXT_EXAMPLES
 from easyanimate.inference.defaults import DEMO_MODEL_NAME
+from easyanimate.inference.request import memory_mode_name
 from easyanimate.models.step_cache import RECOMMENDED_THRESHOLD
 from easyanimate.ui.generation import (
     BASE_RESOLUTIONS,
@@ -374,9 +375,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hosted.add_argument("--remote-url", default=None, help="remote mode: the server, e.g. http://gpu-box:7860")
     hosted.add_argument("--remote-timeout", type=float, default=300.0,
                         help="remote mode: seconds to wait for one generation")
-    parser.add_argument("--memory-mode", choices=MEMORY_MODES, default="model_cpu_offload",
-                        help="on a GPU: move each model in when it runs (default), stream layer by layer "
+    parser.add_argument("--memory-mode", type=memory_mode_name, choices=MEMORY_MODES, default="model_cpu_offload",
+                        help="on a GPU: move each model in when it runs (default), the same with the transformer's "
+                        "weights stored in fp8 (model_cpu_offload_and_fp8, for 16-24 GB cards), stream layer by layer "
                         "(sequential_cpu_offload, least memory), or keep everything on the GPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile each transformer block (torch.compile): the first generation of a size is slow, "
+                        "later ones faster")
     parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait behind the running one")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest accepted upload, in MiB")
     return parser.parse_args(argv)
@@ -440,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         studio = Studio(
-            args.models_dir, lora_dir, args.output_dir, load_pipeline=easyanimate_loader(args.memory_mode),
+            args.models_dir, lora_dir, args.output_dir, load_pipeline=easyanimate_loader(args.memory_mode, compile=args.compile),
             limits=UploadLimits(max_bytes=args.max_upload_mb * 2**20), weights_dir=args.weights_dir, hosted=hosted,
         )
     except RefusedError as exc:  # hosted mode's model is not there

@@ -143,14 +143,16 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-def easyanimate_loader(memory_mode: str = "model_cpu_offload") -> Callable[[Path, Path | None], Any]:
+def easyanimate_loader(memory_mode: str = "model_cpu_offload", compile: bool = False
+                       ) -> Callable[[Path, Path | None], Any]:
     """A function loading a model folder (with other transformer weights, or None for its own) with the project's
-    loader in ``memory_mode`` (see :func:`easyanimate.inference.loading.load_pipeline`)."""
+    loader in ``memory_mode``, with compiled transformer blocks when ``compile`` (see
+    :func:`easyanimate.inference.loading.load_pipeline`)."""
     from easyanimate.inference.loading import load_pipeline
 
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; choose one of {MEMORY_MODES}")
-    return functools.partial(load_pipeline, memory_mode=memory_mode)
+    return functools.partial(load_pipeline, memory_mode=memory_mode, compile=compile)
 
 
 class Studio:
