@@ -275,7 +275,7 @@ def _decodes(pipe, request: GenerationRequest) -> bool:
     (the others hold the same latents and write nothing; splitting the causal VAE's decode would need halo exchanges
     in every 3D convolution) -- but every process decodes the chunks of a long video, whose next chunk starts from
     the decoded frames (no slower: rank 0 decodes them meanwhile)."""
-    parallel = getattr(pipe.transformer, "sequence_parallel", None)
+    parallel = getattr(getattr(pipe, "transformer", None), "sequence_parallel", None)
     return parallel is None or parallel.rank == 0 or request.kind == LONG_VIDEO
 
 
