@@ -20,20 +20,9 @@ from pathlib import Path
 
 import torch
 
+from easyanimate.utils.system import cpu_name
+
 DEFAULT_MODEL = "models/EasyAnimateV4-demo"
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def inputs_for(config, frames: int, size: int, seed: int = 0) -> dict:

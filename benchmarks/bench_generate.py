@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import threading
 import time
@@ -27,18 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from easyanimate.demo.evaluate import psnr  # noqa: E402
 from easyanimate.models.step_cache import StepCacheSettings  # noqa: E402
+from easyanimate.utils.system import cpu_name  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "EasyAnimateV4-demo"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class PeakRSS:

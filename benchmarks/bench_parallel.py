@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from easyanimate.utils.system import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The released EasyAnimateV4-XL-2-InP transformer.
@@ -137,7 +139,7 @@ def launch(processes: int, args, out: Path) -> list[dict]:
 
 
 def measure(args) -> None:
-    cpu = _cpu_name()
+    cpu = cpu_name()
     print(f"CPU: {cpu}; {os.cpu_count()} cores; torch {torch.__version__}; {args.threads} thread(s) per process")
     print(f"transformer: hidden {args.hidden}, {args.heads} heads, {args.layers} layers; {args.tokens} tokens x "
           f"{args.rows} rows, fp32; median of {args.steps} steps\n")
@@ -181,16 +183,6 @@ def paper_model(gpu_tflops: float, link_gbs: list[float], element: int = 2, rows
                 seconds = single / gpus + sent / (bw * 1e9)
                 cells.append(f"{f'{seconds:.2f} ({single / seconds:.2f}x)':>24}")
             print(f"{label:<22} {gpus:>4} {flops / 1e12:>10.0f} {sent / 1e9:>16.2f} " + " ".join(cells))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main() -> None:
