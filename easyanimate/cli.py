@@ -183,7 +183,7 @@ def to_request(task: str, args: argparse.Namespace):
     """The request the flags describe, starting from the model folder's recommended settings; returns
     ``(request, notices)``."""
     try:
-        defaults = read_model_defaults(args.model) if Path(args.model).is_dir() else read_model_defaults(None)
+        defaults = read_model_defaults(args.model)  # a missing folder is named when the request is prepared
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     long_video = task == "i2v" and args.chunk_frames is not None

@@ -380,22 +380,21 @@ def write_transformer(folder: Path, seed: int) -> None:
     """Create ``folder`` with ``TRANSFORMER_CONFIG`` and random weights (``diffusion_pytorch_model.safetensors``)."""
     from ..models.transformer import HunyuanTransformer3DModel
 
-    model = HunyuanTransformer3DModel.from_config(TRANSFORMER_CONFIG)
-    randomize_weights_(model, _generator(seed, "transformer"))
-    folder.mkdir(parents=True)
-    _write_json(folder / "config.json", TRANSFORMER_CONFIG)
-    save_file(_state_dict_for_saving(model), str(folder / "diffusion_pytorch_model.safetensors"),
-              metadata={"format": "pt"})
+    _write_diffusers_model(HunyuanTransformer3DModel, TRANSFORMER_CONFIG, folder, seed, "transformer")
 
 
 def write_vae(folder: Path, seed: int) -> None:
     """Create ``folder`` with ``VAE_CONFIG`` and random weights (``diffusion_pytorch_model.safetensors``)."""
     from ..models.vae import AutoencoderKLMagvit
 
-    model = AutoencoderKLMagvit.from_config(VAE_CONFIG)
-    randomize_weights_(model, _generator(seed, "vae"))
+    _write_diffusers_model(AutoencoderKLMagvit, VAE_CONFIG, folder, seed, "vae")
+
+
+def _write_diffusers_model(cls, config: dict, folder: Path, seed: int, component: str) -> None:
+    model = cls.from_config(config)
+    randomize_weights_(model, _generator(seed, component))
     folder.mkdir(parents=True)
-    _write_json(folder / "config.json", VAE_CONFIG)
+    _write_json(folder / "config.json", config)
     save_file(_state_dict_for_saving(model), str(folder / "diffusion_pytorch_model.safetensors"),
               metadata={"format": "pt"})
 

@@ -63,8 +63,15 @@ class LocalFiles:
             raise RequestError(f"LoRA file not found: {name}")
         return Path(name)
 
-    def weights(self, name: str, label: str) -> Path:
-        """Replacement transformer or VAE weights: a weights file or a model folder."""
+    def transformer_weights(self, name: str, label: str) -> Path:
+        """Replacement transformer weights: a weights file or a model folder."""
+        return self._weights(name, label)
+
+    def vae_weights(self, name: str, label: str) -> Path:
+        """Replacement VAE weights: a weights file or a model folder."""
+        return self._weights(name, label)
+
+    def _weights(self, name: str, label: str) -> Path:
         if not Path(name).exists():
             raise RequestError(f"{label} {name}: no such file or folder")
         return Path(name)
@@ -161,9 +168,10 @@ def prepare(request: GenerationRequest, files: LocalFiles | None = None, *, labe
     if r.lora:
         prepared.lora_path = files.lora_file(r.lora)
     if r.transformer_weights:
-        prepared.transformer_weights_path = files.weights(r.transformer_weights, label("transformer_weights"))
+        prepared.transformer_weights_path = files.transformer_weights(r.transformer_weights,
+                                                                      label("transformer_weights"))
     if r.vae_weights:
-        prepared.vae_weights_path = files.weights(r.vae_weights, label("vae_weights"))
+        prepared.vae_weights_path = files.vae_weights(r.vae_weights, label("vae_weights"))
     if is_inpaint is not None:
         check_model_fits(r, is_inpaint)
     if r.device is not None:

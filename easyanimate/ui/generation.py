@@ -80,10 +80,11 @@ class ServerFiles(LocalFiles):
     def lora_file(self, name: str) -> Path:
         return resolve_safetensors_file(self.lora_dir, name)
 
-    def weights(self, name: str, label: str) -> Path:
-        if label == "VAE weights":
-            raise RefusedError("this server takes no VAE weights")
+    def transformer_weights(self, name: str, label: str) -> Path:
         return resolve_safetensors_file(self.weights_dir, name, what="transformer weights")
+
+    def vae_weights(self, name: str, label: str) -> Path:
+        raise RefusedError("this server takes no VAE weights")
 
     def open_image(self, value, label: str):
         if not isinstance(value, (str, os.PathLike)):
