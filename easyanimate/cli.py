@@ -80,7 +80,9 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, help="model folder in the released EasyAnimateV4 layout")
     model.add_argument("--dtype", choices=DTYPES, default="auto",
-                       help="weight dtype; auto = float32 on CPU, bfloat16 on GPUs that support it, else float16")
+                       help="compute dtype; auto = bfloat16 on GPUs that support it, else float16; on a CPU "
+                            "bfloat16 where it has bf16 matrix instructions (AMX or AVX-512 BF16), else float32 "
+                            "(the EASYANIMATE_CPU_DTYPE variable overrides the CPU's choice)")
     model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--memory-mode", type=memory_mode_name, choices=MEMORY_MODES, default="model_cpu_offload",
                        help="GPU memory saving: model_cpu_offload keeps idle models on the CPU (the original's "

@@ -200,9 +200,10 @@ class EasyAnimatePipeline(DiffusionPipeline):
     def from_pretrained(cls, model_dir, torch_dtype: torch.dtype | None = None, sampler: str = "Euler", device=None):
         """Load a model folder in the released layout (see :mod:`easyanimate.inference.loading`).
 
-        ``torch_dtype=None`` picks fp32 on a CPU, bf16 on GPUs that support it, else fp16 (with the VAE kept in
-        fp32). ``device`` defaults to CUDA when available. Every component is loaded strictly; a missing or broken
-        one raises :class:`~easyanimate.utils.weights.CheckpointError` naming its folder.
+        ``torch_dtype=None`` picks bf16 on GPUs that support it, else fp16 (with the VAE kept in fp32); on a CPU
+        bf16 where it has bf16 matrix instructions, else fp32 (:func:`~easyanimate.inference.loading.default_dtype`).
+        ``device`` defaults to CUDA when available. Every component is loaded strictly; a missing or broken one
+        raises :class:`~easyanimate.utils.weights.CheckpointError` naming its folder.
         """
         from easyanimate.inference.loading import default_dtype, load_components, read_scheduler_config, resolve_device
 

@@ -2,7 +2,7 @@
 
     python scripts/eval_demo.py [--model models/EasyAnimateV4-demo] [--modes t2v i2v v2v] [--seeds 0 1 2 3]
                                 [--templates 0 1 2] [--size 64x64] [--steps 25] [--sampler Euler] [--guidance 3]
-                                [--save-dir DIR] [--json FILE]
+                                [--dtype float32] [--save-dir DIR] [--json FILE]
 
 By default every caption template of each language and four seeds: what users will see, not one phrasing.
 Prints per-attribute (colour, shape, motion) and overall accuracy per mode and language, with the standard error of
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=EvalSettings.guidance, help="classifier-free guidance")
     parser.add_argument("--templates", type=int, nargs="+", default=list(EvalSettings.templates),
                         help="caption template numbers (default: all three of each language)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (the model card's figures are float32; bfloat16 judges the CPU bf16 path)")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every generated video here (gif)")
     parser.add_argument("--json", type=Path, default=None, help="write every verdict and the summary here")
     args = parser.parse_args()
@@ -62,7 +64,8 @@ def main() -> None:
     from easyanimate.pipeline import EasyAnimatePipeline
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
-    pipe = EasyAnimatePipeline.from_pretrained(args.model, device="cpu", sampler=args.sampler)
+    pipe = EasyAnimatePipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype), device="cpu",
+                                               sampler=args.sampler)
     combos = list(HELD_OUT) if args.split == "held_out" else training_combinations()
     settings = EvalSettings(height=args.size[0], width=args.size[1], steps=args.steps, guidance=args.guidance,
                             seeds=tuple(args.seeds), languages=tuple(args.languages), templates=tuple(args.templates))
@@ -92,7 +95,7 @@ def main() -> None:
             print(f"{mode:4s} PSNR mean {entry['psnr_mean']:.1f} dB, min {entry['psnr_min']:.1f} dB")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings_json = {**vars(settings), "sampler": args.sampler}
+        settings_json = {**vars(settings), "sampler": args.sampler, "dtype": args.dtype}
         args.json.write_text(json.dumps({"summary": summary, "settings": settings_json,
                                          "records": [record_to_json(r) for r in records]},
                                         indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")

@@ -6,6 +6,7 @@ Runs on the tiny random model folder of the golden fixtures at 32x32 px with 1-2
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from easyanimate.pipeline import SAMPLERS, EasyAnimatePipeline, build_image_to_video_inputs
+from easyanimate.inference.request import RequestError
 from easyanimate.utils.weights import CheckpointError
 
 SMALL = dict(height=32, width=32, num_inference_steps=2, guidance_scale=6.0)
@@ -210,10 +212,47 @@ def test_samplers(model_dir, pipe):
 
 
 # ----------------------------------------------------------------------------------------------------- loading
-def test_default_dtype_on_cpu_is_fp32(model_dir):
+def test_default_dtype_on_cpu_is_fp32_under_the_tests_override(model_dir):
+    assert os.environ["EASYANIMATE_CPU_DTYPE"] == "float32"  # tests/conftest.py: fp32 on every CPU
     pipe = EasyAnimatePipeline.from_pretrained(model_dir, device="cpu")
     assert pipe.transformer.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
     assert pipe.image_encoder is not None and pipe.device.type == "cpu"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "avx512f"}, torch.float32),                           # e.g. an AMD EPYC before Zen 4: bf16 emulated
+    ({"avx512f", "avx512_bf16"}, torch.bfloat16),                   # AMD Zen 4, Intel Cooper Lake
+    ({"avx512_bf16", "amx_tile", "amx_bf16"}, torch.bfloat16),      # Intel Xeon with AMX
+    (set(), torch.float32),                                         # no /proc/cpuinfo (not Linux) or another ISA
+])
+def test_cpu_dtype_follows_the_bf16_instructions(monkeypatch, flags, expected):
+    from easyanimate.inference import loading
+    from easyanimate.utils import system
+
+    monkeypatch.setenv("EASYANIMATE_CPU_DTYPE", "auto")
+    monkeypatch.setattr(system, "cpu_flags", lambda: flags)
+    assert loading.default_dtype(torch.device("cpu")) == expected
+    monkeypatch.setenv("EASYANIMATE_CPU_DTYPE", "float32")  # the override wins both ways
+    assert loading.default_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setenv("EASYANIMATE_CPU_DTYPE", "bf16")
+    assert loading.default_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv("EASYANIMATE_CPU_DTYPE", "half")
+    with pytest.raises(RequestError, match="EASYANIMATE_CPU_DTYPE='half' .*float32, bfloat16 or auto"):
+        loading.default_dtype(torch.device("cpu"))
+
+
+def test_cpu_flags_are_read_from_the_kernel_report(monkeypatch, tmp_path):
+    from easyanimate.utils import system
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx512f avx512_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    real_path = system.Path
+    monkeypatch.setattr(system, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert system.cpu_flags() == {"fpu", "sse2", "avx512f", "avx512_bf16"}
+    assert system.cpu_native_bf16() == "avx512_bf16" and system.cpu_name() == "Some CPU"
+    cpuinfo.unlink()
+    assert system.cpu_flags() == set() and system.cpu_native_bf16() is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -170,5 +170,6 @@ def test_step_cache_through_the_command_line_settings(tiny_model_dir, tmp_path):
     settings = json.loads(path.with_suffix(".json").read_text())
     assert (settings["step_cache"], settings["step_cache_skip_start"], settings["transformer_evaluations"]) == (
         1e9, 2, 3)
+    assert (settings["dtype"], settings["compute_dtype"]) == ("auto", "float32")  # what "auto" resolved to
     with pytest.raises(SystemExit):
         cli.main("t2v", ["--model", str(tiny_model_dir), "--prompt", PROMPT, "--step-cache", "-1"])

@@ -274,8 +274,16 @@ def generate(pipe, prepared: PreparedRequest, on_step: ProgressCallback | None =
         if prepared.lora_path is not None:
             pipe.unload_lora()
     settings = prepared.settings()
-    settings.update(seconds=round(time.time() - began, 2), transformer_evaluations=evaluations)
+    settings.update(seconds=round(time.time() - began, 2), transformer_evaluations=evaluations,
+                    compute_dtype=_compute_dtype(pipe))
     return Generation(videos if _decodes(pipe, r) else None, settings)
+
+
+def _compute_dtype(pipe) -> str | None:
+    """The dtype the pipeline computed in (what ``dtype="auto"`` resolved to), e.g. "bfloat16"; None if unknown."""
+    text_encoder = getattr(pipe, "text_encoder", None)  # never fp8-stored, unlike the transformer's linear layers
+    dtype = getattr(text_encoder, "dtype", None)
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
 
 
 def _decodes(pipe, request: GenerationRequest) -> bool:
