@@ -111,3 +111,23 @@ def test_template_start_image_fills_the_inputs_and_generates(browser, tiny_model
         assert settings["kind"] == "Image to Video" and settings["prompt"] == template.prompt
         assert settings["start_image"] == template.image
         assert (settings["width"], settings["height"], settings["frames"]) == (96, 48, 16)
+
+
+def test_stop_ends_this_pages_running_generation_at_the_next_step(browser, tiny_model_dir, tmp_path):
+    """Stop, pressed while the page's generation samples, stops it at the next step (the page says so and nothing is
+    saved); the next Generate runs."""
+    from playwright.sync_api import expect
+
+    with served_page(browser, tiny_model_dir, tmp_path) as (page, studio):
+        for elem_id, value in [("width", "128"), ("height", "128"), ("frames", "16"), ("steps", "100")]:  # long enough to press Stop
+            set_number(page, elem_id, value)
+        page.locator("#generate").click()
+        expect(page.get_by_text("Sampling")).to_be_visible(timeout=60_000)
+        page.locator("#stop").click()
+        expect(page.get_by_text("cancelled after step").first).to_be_visible(timeout=60_000)
+        assert not list(studio.output.root.glob("*.mp4"))
+
+        set_number(page, "steps", "2")
+        page.locator("#generate").click()
+        expect(page.locator("#result-video video")).to_be_visible(timeout=120_000)
+        assert len(list(studio.output.root.glob("*.mp4"))) == 1

@@ -9,6 +9,10 @@ Modes (``--ui-mode``): ``normal`` offers every model, LoRA and weights file of i
 original's "modelscope") serves one model within limits (:class:`~easyanimate.ui.generation.HostedLimits`);
 ``remote`` (the original's "eas") runs only the page and sends generations to another server
 (:mod:`easyanimate.ui.remote`).
+
+Several GPUs for one video: ``torchrun --nproc_per_node N app.py --ulysses-degree N`` -- rank 0 serves everything
+above; the other processes serve nothing and run each of its jobs with it (:meth:`Studio.follow
+<easyanimate.ui.generation.Studio.follow>`); see :func:`main`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import dataclasses
 import logging
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +32,8 @@ import gradio as gr
 
 from easyanimate.demo.examples import IMAGE_TEMPLATES, TEXT_EXAMPLES
 from easyanimate.inference.defaults import DEMO_MODEL_NAME
-from easyanimate.inference.request import memory_mode_name
+from easyanimate.inference.distributed import ControlChannel, ProcessesOutOfStep, check_degrees, process_device
+from easyanimate.inference.request import RequestError, check_request, memory_mode_name
 from easyanimate.models.step_cache import RECOMMENDED_THRESHOLD
 from easyanimate.ui.generation import (
     BASE_RESOLUTIONS,
@@ -214,7 +221,9 @@ def _demo_examples(ui: SimpleNamespace, setup: PageSetup) -> None:
 
 
 def _results(ui: SimpleNamespace) -> None:
-    ui.generate = gr.Button("Generate", variant="primary", elem_id="generate")
+    with gr.Row():
+        ui.generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
+        ui.stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
     with gr.Row():
         ui.result_video = gr.Video(label="Result", elem_id="result-video", interactive=False)
         ui.result_image = gr.Image(label="Result", visible=False, interactive=False, type="filepath")
@@ -279,6 +288,8 @@ def _wire_events(demo: gr.Blocks, ui: SimpleNamespace, studio, setup: PageSetup)
         )
 
     defaults = GenerationRequest
+    # Stop flags of the running generations, by browser session: Stop cancels its own session's generation only.
+    stop_flags: dict[str, threading.Event] = {}
 
     def generate(model, lora, lora_strength, prompt, negative_prompt, kind, sampler, steps, width, height, frames,
                  guidance_scale, seed, resize_to_reference, base_resolution,
@@ -286,18 +297,32 @@ def _wire_events(demo: gr.Blocks, ui: SimpleNamespace, studio, setup: PageSetup)
                  denoise_strength=defaults.denoise_strength, partial_frames=defaults.partial_frames,
                  overlap_frames=defaults.overlap_frames, transformer_weights=NONE_CHOICE,
                  step_cache=defaults.step_cache, step_cache_skip_start=defaults.step_cache_skip_start,
-                 progress=gr.Progress()):
+                 progress=gr.Progress(), session: gr.Request = None):
         values = {key: value for key, value in locals().items() if key in GENERATE_INPUTS}
+        stop, session_id = threading.Event(), _session_id(session)
+        if session_id is not None:
+            stop_flags[session_id] = stop
         try:
             request = page_request(values)
             progress(0, desc="Waiting for the model")
-            result = studio.generate(request, on_step=lambda done, total: progress((done, total), desc="Sampling"))
+            result = studio.generate(request, on_step=lambda done, total: progress((done, total), desc="Sampling"),
+                                     cancelled=stop.is_set)
         except Exception as exc:
             raise _refusal(exc) from exc
+        finally:
+            if session_id is not None and stop_flags.get(session_id) is stop:
+                del stop_flags[session_id]
         path = str(result.path)
         status = f"Saved {result.path.name} and {result.settings_path.name} in {result.path.parent}"
         # Plain values, so API clients get file paths; the page then shows the one that holds the result.
         return (None if result.is_image else path), (path if result.is_image else None), result.settings, status
+
+    def stop_generation(session: gr.Request = None):
+        """Stop this page's running generation at its next step (every process of a sequence-parallel server
+        stops at the same one)."""
+        stop = stop_flags.get(_session_id(session))
+        if stop is not None:
+            stop.set()
 
     def show_result(settings):
         is_image = bool(settings) and settings.get("frames") == 1
@@ -325,7 +350,14 @@ def _wire_events(demo: gr.Blocks, ui: SimpleNamespace, studio, setup: PageSetup)
         api_name="generate", show_progress_on=[ui.result_video, ui.result_image], concurrency_limit=1,
         concurrency_id=MODEL_SLOT,
     ).success(show_result, ui.settings_used, [ui.result_video, ui.result_image], api_visibility="private", queue=False)
+    # not queued: it must run while the generation it stops holds the queue's slot
+    ui.stop.click(stop_generation, None, None, api_visibility="private", queue=False)
     demo.load(refresh, pickers, pickers, api_visibility="private", queue=False)
+
+
+def _session_id(session: gr.Request | None) -> str | None:
+    """The browser session (or API client) of an event; None where Gradio gives none."""
+    return getattr(session, "session_hash", None)
 
 
 def build_app(studio: Studio | RemoteStudio) -> gr.Blocks:
@@ -382,6 +414,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="compile each transformer block (torch.compile): the first generation of a size is slow, "
                         "later ones faster")
+    parallel = parser.add_argument_group(
+        "several GPUs for one video (sequence parallel)",
+        "torchrun --nproc_per_node N app.py --ulysses-degree N [--ring-degree R] starts N processes on this machine "
+        "(one per GPU; or on CPUs, over gloo): rank 0 serves the page, its API and the /easyanimate routes, the "
+        "others serve nothing and run every model switch and generation with it, the transformer's tokens split "
+        "across all N; rank 0 alone saves the results. Stopping rank 0 (Ctrl-C) stops them all. One machine only "
+        "(every process reads the same model folders). --ulysses-degree x --ring-degree must equal N")
+    parallel.add_argument("--ulysses-degree", type=int, default=1, metavar="N",
+                          help="processes that exchange attention heads (all-to-all); must divide the model's "
+                               "attention heads (16 for the released model)")
+    parallel.add_argument("--ring-degree", type=int, default=1, metavar="N",
+                          help="processes that pass keys and values around a ring: CUDA GPUs only")
     parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait behind the running one")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest accepted upload, in MiB")
     return parser.parse_args(argv)
@@ -416,8 +460,12 @@ def launch(studio: Studio | RemoteStudio, *, host: str, port: int, share: bool =
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve the page. Under ``torchrun --nproc_per_node N ... --ulysses-degree N`` every process runs this: rank 0
+    serves until Ctrl-C (or until its processes fall out of step, then it exits with the reason), and closing it
+    tells the others to exit; the others follow it (:func:`follow`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    check_launch(args)  # before anything loads or connects
     try:
         auth = read_server_auth(args.auth_file)
     except ValueError as exc:
@@ -443,15 +491,83 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"app.py: error: {exc}") from exc
         launch(studio, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size, auth=auth)
         return
+    parallel = args.ulysses_degree * args.ring_degree > 1
+    channel = ControlChannel.connect(args.ulysses_degree, args.ring_degree) if parallel else None
+    loader = easyanimate_loader(args.memory_mode, compile=args.compile, ulysses_degree=args.ulysses_degree,
+                                ring_degree=args.ring_degree)
     try:
         studio = Studio(
-            args.models_dir, lora_dir, args.output_dir, load_pipeline=easyanimate_loader(args.memory_mode, compile=args.compile),
+            args.models_dir, lora_dir, args.output_dir, load_pipeline=loader,
             limits=UploadLimits(max_bytes=args.max_upload_mb * 2**20), weights_dir=args.weights_dir, hosted=hosted,
+            channel=channel,
         )
     except RefusedError as exc:  # hosted mode's model is not there
         raise SystemExit(f"app.py: error: --model: {exc}") from exc
-    if hosted:
-        logger.info(studio.load_model(hosted.model))  # before serving, so no visitor waits for it
-    elif not studio.model_choices():
-        logger.warning("no model folders under %s yet: add one and press 'Refresh lists'", args.models_dir)
-    launch(studio, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size, auth=auth)
+    if channel is not None and not channel.is_leader:
+        follow(studio, channel.rank)
+        return
+    try:
+        if hosted:
+            logger.info(studio.load_model(hosted.model))  # before serving, so no visitor waits for it
+        elif not studio.model_choices():
+            logger.warning("no model folders under %s yet: add one and press 'Refresh lists'", args.models_dir)
+        demo = launch(studio, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size,
+                      auth=auth, prevent_thread_lock=parallel)
+        if parallel:
+            serve_until_stopped(demo, studio)
+    finally:
+        studio.close()  # the other processes exit too
+    if studio.stop_reason:
+        raise SystemExit(f"app.py: {studio.stop_reason}")
+
+
+PARALLEL_LABELS = {"ulysses_degree": "--ulysses-degree", "ring_degree": "--ring-degree", "compile": "--compile"}
+
+
+def check_launch(args: argparse.Namespace) -> None:
+    """Exit naming the fix unless this launch's process count and ``--ulysses-degree`` x ``--ring-degree`` fit
+    together (N processes without the degrees would be N servers on one port) and the rest of the command line
+    works with them (no remote mode, no --compile, ring attention only on CUDA). Cheap: nothing is loaded or
+    connected. The degree must also divide each model's attention heads: checked when a model is chosen."""
+    from easyanimate.models.sequence_parallel import SequenceParallelError, check_ring_support
+
+    try:
+        check_request(GenerationRequest(compile=args.compile, ulysses_degree=args.ulysses_degree,
+                                        ring_degree=args.ring_degree), labels=PARALLEL_LABELS)
+        check_degrees(args.ulysses_degree, args.ring_degree, labels=PARALLEL_LABELS)
+        if args.ulysses_degree * args.ring_degree == 1:
+            return
+        if args.ui_mode == "remote":
+            raise RequestError("--ui-mode remote generates on another server: start that server with torchrun and "
+                               "--ulysses-degree, and this page as one process")
+        if args.ring_degree > 1:
+            check_ring_support(process_device(None).type, None)
+    except (RequestError, SequenceParallelError) as exc:
+        raise SystemExit(f"app.py: error: {exc}") from exc
+
+
+def serve_until_stopped(demo: gr.Blocks, studio: Studio) -> None:
+    """Rank 0 of a sequence-parallel server: serve until Ctrl-C, a closed server, or processes out of step (then
+    nothing more can be generated, so the page closes too)."""
+    try:
+        while demo.is_running and not studio.stopped.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        # a Ctrl-C in the terminal reaches every process of the launch, and torchrun then sends its own: one is enough
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logger.info("Ctrl-C: stopping the server and its other processes")
+    finally:
+        studio.close()  # first: closing the page waits for the running request, which this stops at its next step
+        demo.close()
+
+
+def follow(studio: Studio, rank: int) -> None:
+    """Every process but rank 0 of a sequence-parallel server: run rank 0's jobs until it says stop. Ctrl-C is
+    ignored here (the terminal sends it to every process of the launch; rank 0 then stops the running generation at
+    the same step on all of them, and sends stop); losing rank 0 or falling out of step exits with the reason."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logger.info("rank %d: following rank 0 (it serves the page)", rank)
+    try:
+        studio.follow()
+    except ProcessesOutOfStep as exc:
+        raise SystemExit(f"app.py (rank {rank}): {exc}") from exc

@@ -9,6 +9,14 @@ path that leaves them), uploads only within :class:`~easyanimate.ui.safety.Uploa
 The :class:`Studio` owns the one loaded pipeline. A lock covers both model switching and generation, so a model
 switch waits for the running generation to finish instead of swapping weights under it (the Gradio queue also
 serialises them; the lock keeps that true for any other caller).
+
+Several processes (``torchrun --nproc_per_node N app.py --ulysses-degree N``): every process builds a Studio with
+the launch's :class:`~easyanimate.inference.distributed.ControlChannel`. Rank 0's serves; the others call
+:meth:`Studio.follow`. Each job rank 0 accepts -- a model switch, or a generation checked and prepared on rank 0 --
+is handed to every process (:meth:`Studio._lead`) and run by all of them through the same code (:meth:`Studio._run`):
+the same model, LoRA and weights, the same prepared request (seed drawn, uploads opened), together in the
+transformer's collectives; rank 0 alone saves the result. A cancel is agreed at every step, so all processes stop at
+the same one. :meth:`Studio.close` stops the followers.
 """
 
 from __future__ import annotations
@@ -39,7 +47,16 @@ from easyanimate.inference.request import (  # noqa: F401  (re-exported for the 
     RequestLimits,
     reference_size,
 )
-from easyanimate.inference.runner import Generation, LocalFiles, generate, prepare, write_result, write_settings
+from easyanimate.inference.distributed import ControlChannel, ProcessesOutOfStep, check_model_heads
+from easyanimate.inference.runner import (
+    Generation,
+    LocalFiles,
+    PreparedRequest,
+    generate,
+    prepare,
+    write_result,
+    write_settings,
+)
 from easyanimate.ui.safety import (
     NONE_CHOICE,
     OutputFolder,
@@ -59,6 +76,26 @@ PAGE_LIMITS = RequestLimits()  # the ranges of the page's sliders; the server en
 GenerationSettings = GenerationRequest  # what the page, its API and the HTTP routes send
 SAMPLERS = SAMPLER_NAMES
 SEED_MAX = RANDOM_SEED_MAX
+
+
+class GenerationCancelled(RefusedError):
+    """A generation stopped at a step because its user cancelled it (or the server is closing)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every process of the server runs for one request: hold model ``model`` (folder ``folder``, transformer
+    weights ``weights`` named ``weights_name``, None: its own) and, unless this is only a model switch, generate
+    ``prepared``. Rank 0 builds it; in a sequence-parallel launch it is pickled to the other processes."""
+
+    model: str
+    folder: Path
+    weights_name: str | None = None
+    weights: Path | None = None
+    prepared: PreparedRequest | None = None
+
+
+STOP = "stop"  # the message that ends the followers' loop
 
 
 def none_to_null(name: str | None) -> str | None:
@@ -144,20 +181,24 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-def easyanimate_loader(memory_mode: str = "model_cpu_offload", compile: bool = False
-                       ) -> Callable[[Path, Path | None], Any]:
+def easyanimate_loader(memory_mode: str = "model_cpu_offload", compile: bool = False, *, ulysses_degree: int = 1,
+                       ring_degree: int = 1) -> Callable[[Path, Path | None], Any]:
     """A function loading a model folder (with other transformer weights, or None for its own) with the project's
-    loader in ``memory_mode``, with compiled transformer blocks when ``compile`` (see
+    loader in ``memory_mode``, with compiled transformer blocks when ``compile``, its transformer split across the
+    ``ulysses_degree x ring_degree`` processes of this launch (see
     :func:`easyanimate.inference.loading.load_pipeline`)."""
     from easyanimate.inference.loading import load_pipeline
 
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; choose one of {MEMORY_MODES}")
-    return functools.partial(load_pipeline, memory_mode=memory_mode, compile=compile)
+    return functools.partial(load_pipeline, memory_mode=memory_mode, compile=compile, ulysses_degree=ulysses_degree,
+                             ring_degree=ring_degree)
 
 
 class Studio:
-    """Holds the loaded pipeline and runs generations one at a time, saving each under the output folder."""
+    """Holds the loaded pipeline and runs generations one at a time, saving each under the output folder. With a
+    ``channel`` it is one process of a sequence-parallel server (see the module docstring): rank 0's leads, the
+    others :meth:`follow`."""
 
     def __init__(
         self,
@@ -169,6 +210,7 @@ class Studio:
         limits: UploadLimits = UploadLimits(),
         weights_dir: str | os.PathLike | None = None,
         hosted: HostedLimits | None = None,
+        channel: ControlChannel | None = None,
     ):
         self.models_dir = Path(models_dir)
         self.lora_dir = Path(lora_dir)
@@ -185,6 +227,10 @@ class Studio:
         self._pipe: Any = None
         self._model_name: str | None = None
         self._weights_name: str | None = None
+        self._channel = channel
+        self._closing = threading.Event()  # set by close(): the running generation stops at its next step
+        self.stopped = threading.Event()  # set when this server can no longer generate (closed, or out of step)
+        self.stop_reason: str | None = None  # why, when it was not closed on purpose
 
     # -- choices ---------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
@@ -215,8 +261,10 @@ class Studio:
         if self.hosted and name != self.hosted.model:
             raise RefusedError(f"this server serves only the model {self.hosted.model!r}")
         folder = resolve_model_folder(self.models_dir, name)
+        if self._channel is not None:  # refused here, before the other processes hear of it
+            check_model_heads(folder, self._channel.ulysses_degree)
         with self._lock:
-            self._ensure_model(name, folder, None, None)
+            self._lead(Job(name, folder))
         return f"model {name} loaded"
 
     def _ensure_model(self, name: str, folder: Path, weights_name: str | None, weights: Path | None) -> Any:
@@ -231,21 +279,117 @@ class Studio:
             self._model_name, self._weights_name = name, weights_name
         return self._pipe
 
+    def _drop_model(self) -> None:
+        self._pipe, self._model_name, self._weights_name = None, None, None
+
     # -- generation ----------------------------------------------------------------------------------------
-    def generate(self, request: GenerationRequest,
-                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, on_step: Callable[[int, int], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:
         """Check the request within the page's ranges (and hosted limits), run it, save the result and its
-        settings; raises :class:`RefusedError` for a bad request."""
+        settings; raises :class:`RefusedError` for a bad request. ``on_step(done, total)`` follows the steps;
+        when ``cancelled()`` turns true the generation stops at the next step (:class:`GenerationCancelled`)."""
         request = request.replace(lora=none_to_null(request.lora),
                                   transformer_weights=none_to_null(request.transformer_weights))
+        if self._channel is not None:  # the launch's degrees: prepare checks them against the model and size
+            request = request.replace(ulysses_degree=self._channel.ulysses_degree,
+                                      ring_degree=self._channel.ring_degree)
+        # every refusal happens here, on rank 0 alone, before anything reaches the other processes
         prepared = prepare(request, self.files, limits=PAGE_LIMITS)
         if self.hosted:
             self.hosted.check(prepared.request, prepared.height, prepared.width)
+        job = Job(request.model, prepared.model_path, request.transformer_weights, prepared.transformer_weights_path,
+                  prepared)
         with self._lock:
-            pipe = self._ensure_model(request.model, prepared.model_path, request.transformer_weights,
-                                      prepared.transformer_weights_path)
-            generation = generate(pipe, prepared, on_step)
+            generation = self._lead(job, on_step, cancelled)
             return self._save(generation, prepared.request.kind)  # inside the lock: output numbers are never shared
+
+    def _lead(self, job: Job, on_step=None, cancelled=None) -> Generation | None:
+        """Run ``job`` here, handing it to the other processes of a sequence-parallel launch first. Call with the
+        lock held: jobs reach the followers in the order they run here."""
+        if self.stopped.is_set():
+            raise RefusedError(f"this server has stopped generating: {self.stop_reason or 'it is closing'}")
+        if self._channel is not None:
+            self._in_step(lambda: self._channel.share(job))
+        return self._run(job, on_step, cancelled)
+
+    def _run(self, job: Job, on_step=None, cancelled=None) -> Generation | None:
+        """What every process does for a job: hold its model, then generate its prepared request (None for a model
+        switch). In a sequence-parallel launch each part ends with every process agreeing how it went (a failure
+        anywhere raises everywhere), so all of them go on to the next job together."""
+        try:
+            pipe = self._together(lambda: self._ensure_model(job.model, job.folder, job.weights_name, job.weights))
+        except Exception:
+            self._drop_model()  # some process may lack it: all load it again next time
+            raise
+        if job.prepared is None:
+            return None
+        return self._together(lambda: generate(pipe, job.prepared, self._step_hook(on_step, cancelled)))
+
+    def _together(self, action: Callable[[], Any]) -> Any:
+        """``action()`` here alone, or on every process with the outcome agreed
+        (:meth:`~easyanimate.inference.distributed.ControlChannel.run_together`)."""
+        if self._channel is None:
+            return action()
+        return self._in_step(lambda: self._channel.run_together(action))
+
+    def _in_step(self, action: Callable[[], Any]) -> Any:
+        """``action()``; a :class:`ProcessesOutOfStep` stops this server for good (no collective can be trusted
+        after one failed) before it is raised."""
+        try:
+            return action()
+        except ProcessesOutOfStep as exc:
+            logger.critical("%s; the server stops (restart it)", exc)
+            self.stop_reason = str(exc)
+            self.stopped.set()
+            raise
+
+    def _step_hook(self, on_step, cancelled) -> Callable[[int, int], None]:
+        """The runner's ``on_step``: report progress, then stop (:class:`GenerationCancelled`) when the user
+        cancelled or the server is closing. Across processes the decision is agreed at every step (as the step
+        cache's), so all of them stop at the same step and none waits in a collective the others left."""
+        def step(done: int, total: int) -> None:
+            if on_step is not None:
+                on_step(done, total)
+            stop = self._closing.is_set() or (cancelled is not None and bool(cancelled()))
+            if self._channel is not None:
+                stop = self._channel.any(stop)
+            if stop:
+                logger.info("generation cancelled after step %d of %d", done, total)
+                raise GenerationCancelled(f"cancelled after step {done} of {total}")
+        return step
+
+    # -- several processes ---------------------------------------------------------------------------------
+    def follow(self) -> None:
+        """The loop of every process but rank 0 in a sequence-parallel server: run each job rank 0 hands over, until
+        it says stop. A failed job was reported on rank 0 (every process learns of it); this one goes on to the next.
+        Raises :class:`~easyanimate.inference.distributed.ProcessesOutOfStep` when the processes can no longer work
+        together (a collective failed, rank 0 is gone)."""
+        while True:
+            job = self._in_step(self._channel.share)
+            if job == STOP:
+                logger.info("rank 0 stopped the server")
+                return
+            try:
+                self._run(job)
+            except ProcessesOutOfStep:
+                raise
+            except GenerationCancelled:
+                pass  # logged at the step
+            except Exception as exc:  # agreed with rank 0, which reports it
+                logger.warning("the job failed (rank 0 reports it): %s", exc)
+
+    def close(self) -> None:
+        """Stop generating: the running generation stops at its next step, later ones are refused, and in a
+        sequence-parallel server the other processes are told to exit (unless they are out of step)."""
+        self._closing.set()
+        with self._lock:
+            already = self.stopped.is_set()
+            self.stopped.set()
+            if self._channel is not None and self._channel.is_leader and not already:
+                try:
+                    self._channel.share(STOP)
+                except ProcessesOutOfStep as exc:
+                    logger.warning("could not tell the other processes to stop: %s", exc)
 
     def _save(self, generation: Generation, kind: str) -> GenerationResult:
         media = self.output.check(self.output.new_stem(kind).with_suffix(".png" if generation.is_image else ".mp4"))

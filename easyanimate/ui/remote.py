@@ -99,10 +99,11 @@ class RemoteStudio:
             self._model_name = name
         return f"model {name} loaded on {self.url}"
 
-    def generate(self, request: GenerationRequest,
-                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, on_step: Callable[[int, int], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:
         """Check the request and its uploads here (the page's ranges and hosted limits), post it, save the returned
-        file and the settings (no step progress: the original's route reports none)."""
+        file and the settings (no step progress, and ``cancelled`` is not asked: the original's route reports no
+        steps and has no way to stop a generation)."""
         request = request.replace(lora=none_to_null(request.lora),
                                   transformer_weights=none_to_null(request.transformer_weights))
         self.hosted.check(request, None, None)  # the model, LoRA and kind; the size once the reference is known
