@@ -195,3 +195,37 @@ def test_a_process_that_generates_can_be_cancelled_at_a_step(tmp_path):
     studio.close()
     with pytest.raises(Exception, match="stopped generating"):
         studio.generate(page_request(generate_values("model-a", steps=2)))
+
+
+def test_a_failed_collective_stops_the_server_for_good(tmp_path, monkeypatch):
+    """When the processes fall out of step (ProcessesOutOfStep from the channel), rank 0's Studio refuses every later
+    job with the reason, the serving loop ends (main then exits with it), and no stop message is sent."""
+    from easyanimate.inference.distributed import ProcessesOutOfStep
+    from easyanimate.ui.app import serve_until_stopped
+
+    class BrokenChannel:
+        """Rank 0's channel in a launch whose collective has just failed."""
+        ulysses_degree, ring_degree, rank, is_leader = 2, 1, 0, True
+        shared = []
+
+        def share(self, message=None):
+            self.shared.append(message)
+
+        def run_together(self, action):
+            raise ProcessesOutOfStep("the processes of this launch fell out of step: process 1: RuntimeError: lost")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    folders = SimpleNamespace(models=tmp_path / "models", loras=tmp_path / "loras", out=tmp_path / "samples")
+    (folders.models / "model-a").mkdir(parents=True)
+    (folders.models / "model-a" / "model_index.json").write_text("{}")
+    studio = Studio(folders.models, folders.loras, folders.out, load_pipeline=lambda *a: None,
+                    channel=BrokenChannel())
+    with pytest.raises(ProcessesOutOfStep):
+        studio.generate(page_request(generate_values("model-a")))
+    assert studio.stopped.is_set() and "fell out of step: process 1" in studio.stop_reason
+    with pytest.raises(Exception, match="stopped generating: the processes of this launch fell out of step"):
+        studio.generate(page_request(generate_values("model-a")))
+    closed = []
+    serve_until_stopped(SimpleNamespace(is_running=True, close=lambda: closed.append(True)), studio)
+    assert closed == [True]
+    assert len(BrokenChannel.shared) == 1  # the one job; no stop message to processes out of step
