@@ -347,15 +347,14 @@ def attach(model, ulysses: int, ring: int, device: torch.device, subgroups: dict
     """Turn on ``ulysses x ring`` sequence parallelism on ``model``; the state, or None on a rank that sits this
     degree out. Every rank calls it (group creation is collective). The whole launch: the project's
     ``setup_sequence_parallel`` + ``enable_sequence_parallel``. A degree ``d`` below the launch's N: yunchang's groups
-    for ``d``-rank replicas (the first replica, ranks ``0 .. d-1``, runs) and ``enable_sequence_parallel``'s wiring on
-    a ``d``-rank group (it insists on the whole launch)."""
+    for ``d``-rank replicas (the first replica, ranks ``0 .. d-1``, runs) and ``enable_sequence_parallel`` on a
+    ``d``-rank group."""
     import torch.distributed as dist
     from yunchang import set_seq_parallel_pg
     from yunchang.globals import PROCESS_GROUP
 
     from easyanimate.inference.distributed import setup_sequence_parallel
-    from easyanimate.models.sequence_parallel import (SequenceParallel, SequenceParallelAttnProcessor,
-                                                      check_heads, enable_sequence_parallel)
+    from easyanimate.models.sequence_parallel import check_heads, enable_sequence_parallel
 
     check_heads(int(model.config.num_attention_heads), ulysses)  # the same on every rank: raised before any group
     degree, rank, world = ulysses * ring, dist.get_rank(), dist.get_world_size()
@@ -371,12 +370,7 @@ def attach(model, ulysses: int, ring: int, device: torch.device, subgroups: dict
     PROCESS_GROUP.easyanimate_degrees = None  # setup_sequence_parallel must make the whole-launch groups again
     if rank >= degree:
         return None
-    parallel = SequenceParallel(ulysses, ring, rank=rank, group=subgroups[degree],
-                                ulysses_group=PROCESS_GROUP.ULYSSES_PG, ring_group=PROCESS_GROUP.RING_PG)
-    for block in model.blocks:
-        block.attn1.set_processor(SequenceParallelAttnProcessor(parallel))
-    model.sequence_parallel = parallel
-    return parallel
+    return enable_sequence_parallel(model, ulysses, ring, group=subgroups[degree])
 
 
 def group_barrier(group, device: torch.device) -> None:

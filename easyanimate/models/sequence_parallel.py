@@ -254,23 +254,26 @@ def check_heads(num_heads: int, ulysses_degree: int) -> None:
             f"allowed: {allowed} (use --ring-degree for the rest on GPUs)")
 
 
-def enable_sequence_parallel(transformer, ulysses_degree: int, ring_degree: int = 1) -> SequenceParallel:
-    """Split ``transformer``'s tokens across the ``ulysses_degree x ring_degree`` processes of this launch: every
-    block's ``attn1`` gets a :class:`SequenceParallelAttnProcessor` and ``transformer.sequence_parallel`` the state
-    its forward uses. Needs ``torch.distributed`` initialised with exactly that many processes and yunchang's groups
-    set (``yunchang.set_seq_parallel_pg``); returns the state. Weights are untouched, so LoRA merges, fp8 storage
-    and offload hooks work as without it."""
+def enable_sequence_parallel(transformer, ulysses_degree: int, ring_degree: int = 1, *,
+                             group: dist.ProcessGroup | None = None) -> SequenceParallel:
+    """Split ``transformer``'s tokens across the ``ulysses_degree x ring_degree`` processes of this launch (or of
+    ``group``, e.g. a benchmark's sub-group of ranks): every block's ``attn1`` gets a
+    :class:`SequenceParallelAttnProcessor` and ``transformer.sequence_parallel`` the state its forward uses. Needs
+    ``torch.distributed`` initialised, exactly that many processes in the group and yunchang's groups set for them
+    (``yunchang.set_seq_parallel_pg``); returns the state. Weights are untouched, so LoRA merges, fp8 storage and
+    offload hooks work as without it."""
     from yunchang.globals import PROCESS_GROUP
 
     degree = ulysses_degree * ring_degree
-    if not dist.is_initialized() or dist.get_world_size() != degree:
+    if not dist.is_initialized() or dist.get_world_size(group) != degree:
         raise SequenceParallelError(
             f"sequence parallel over {degree} processes needs torch.distributed initialised with {degree} processes "
             "(launch with torchrun --nproc_per_node N; see easyanimate.inference.distributed)")
     if PROCESS_GROUP.ULYSSES_PG is None:
         raise SequenceParallelError("yunchang's process groups are not set: call yunchang.set_seq_parallel_pg first")
     check_heads(int(transformer.config.num_attention_heads), ulysses_degree)
-    parallel = SequenceParallel(ulysses_degree, ring_degree, rank=dist.get_rank(), group=dist.group.WORLD,
+    group = dist.group.WORLD if group is None else group
+    parallel = SequenceParallel(ulysses_degree, ring_degree, rank=dist.get_rank(group), group=group,
                                 ulysses_group=PROCESS_GROUP.ULYSSES_PG, ring_group=PROCESS_GROUP.RING_PG)
     for block in transformer.blocks:
         block.attn1.set_processor(SequenceParallelAttnProcessor(parallel))
