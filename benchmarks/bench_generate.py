@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()  # casting the random models warns once per model
 
-    from easyanimate.inference.loading import default_dtype
+    from easyanimate.inference.loading import default_dtype, dtype_name
     from easyanimate.pipeline import EasyAnimatePipeline
 
     chosen = default_dtype(torch.device("cpu"))
@@ -179,10 +179,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "bf16_instructions": bf16_instructions,
                                          "default_dtype": dtype_name(chosen), "rows": rows}, indent=1) + "\n")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 if __name__ == "__main__":

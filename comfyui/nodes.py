@@ -141,7 +141,7 @@ def step_cache_inputs() -> dict:
 # --------------------------------------------------------------------------------------------------- nodes
 class LoadModel:
     """A model folder in the released layout from ``models/EasyAnimate/``, with a memory mode (on a GPU) and a
-    precision ("auto": fp32 on a CPU, bf16 or fp16 on a GPU)."""
+    precision ("auto": bf16 or fp16 on a GPU; on a CPU bf16 where it has bf16 matrix instructions, else fp32)."""
 
     CATEGORY = CATEGORY
     RETURN_TYPES = (MODEL,)

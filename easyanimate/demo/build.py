@@ -122,7 +122,7 @@ def _save_half(state: dict, path: Path) -> None:
 
 def ship(model_dir: str | os.PathLike, transformer_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Copy ``model_dir`` to ``dest`` with the transformer from ``transformer_dir``, transformer and VAE weights in
-    fp16 (the loaders give fp32 on the CPU). Written next to ``dest`` and renamed, replacing an existing ``dest``
+    fp16 (the loaders cast them to the compute dtype). Written next to ``dest`` and renamed, replacing an existing ``dest``
     (its README.md, the model card, is kept)."""
     model_dir, transformer_dir, dest = Path(model_dir), Path(transformer_dir), Path(dest)
     with building_directory(dest) as work:

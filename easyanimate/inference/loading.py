@@ -79,6 +79,11 @@ def cpu_default_dtype() -> torch.dtype:
     return torch.bfloat16 if cpu_native_bf16() else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype by the name requests and settings use: ``torch.bfloat16`` -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a torch device; None means CUDA when available, else the CPU."""
     return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -281,9 +281,11 @@ def generate(pipe, prepared: PreparedRequest, on_step: ProgressCallback | None =
 
 def _compute_dtype(pipe) -> str | None:
     """The dtype the pipeline computed in (what ``dtype="auto"`` resolved to), e.g. "bfloat16"; None if unknown."""
+    from easyanimate.inference.loading import dtype_name
+
     text_encoder = getattr(pipe, "text_encoder", None)  # never fp8-stored, unlike the transformer's linear layers
     dtype = getattr(text_encoder, "dtype", None)
-    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
+    return dtype_name(dtype) if isinstance(dtype, torch.dtype) else None
 
 
 def _decodes(pipe, request: GenerationRequest) -> bool:
